@@ -1,0 +1,277 @@
+#!/usr/bin/env python
+"""Build the book: execute every chapter with papermill, post-process, then `jupyter-book build`.
+
+    python tools/build_book.py [--profile smoke] [-p NAME VALUE ...] [--only CHAPTER]
+                               [--results DIR] [--build-dir DIR] [--timeout S] [--root DIR]
+
+Steps
+1. Read `_toc.yml` (book order). Every `.ipynb` chapter is executed by papermill with the
+   `kdbook` kernel, cwd = `chapters/` of the book root (so `../results` and `../data` resolve
+   to the repository's results store and data cache), `-p profile <profile>`, any `-p name value`
+   overrides, and `-p results_dir DIR` when `--results` is given. A failing chapter is retried
+   once; a second failure stops the build with the chapter and the failing cell named.
+2. Executed copies go to a staging tree `<build-dir>/src/` together with `_config.yml`,
+   `_toc.yml`, the markdown chapters and `book/` (vendored JS, static files).
+3. Post-processing of the executed copies (nbdev directives are comments to Jupyter Book):
+   - every `#|` directive line is removed from code cells;
+   - `#| hide` / `#| include: false` -> tag `remove-cell`;
+   - `#| echo: false` / `#| hide_input` -> tag `remove-input` (the output stays, the code is
+     not in the page at all; `hide-input` tags written by authors keep their fold-out button);
+   - `#| output: false` / `#| hide_output` -> tag `remove-output`;
+   - `#| export`, `#| exports`, `#| exporti` keep the code visible (it is the book's content);
+   - a code cell left empty after stripping (e.g. only `#| default_exp`) is removed;
+   - markdown outputs that begin with `---` (nbdev `show_doc`) are dropped: docutils rejects a
+     transition at the start of a document fragment.
+4. `jupyter-book build` of the staging tree, notebooks not re-executed (`execute_notebooks: off`),
+   strict: `-W -n --keep-going`. HTML lands in `<build-dir>/html` (default `_build/html`).
+
+`--only CHAPTER` (e.g. `10_preliminaries` or `chapters/10_preliminaries.ipynb`) executes and
+builds just that chapter (the staged toc keeps the root page and that chapter).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+DIRECTIVE = re.compile(r"^\s*#\|\s?(.*)$")
+# directive (normalised: lower case, no spaces) -> cell tag
+TAG_FOR = {
+    "hide": "remove-cell",
+    "include:false": "remove-cell",
+    "echo:false": "remove-input",
+    "hide_input": "remove-input",
+    "output:false": "remove-output",
+    "hide_output": "remove-output",
+}
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def toc_files(toc: dict) -> list[str]:
+    """Every `file` of a Jupyter Book 1.x toc (root first), in book order."""
+    files = [toc["root"]]
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "file" in node and node is not toc:
+                files.append(node["file"])
+            for key in ("parts", "chapters", "sections"):
+                for child in node.get(key, []) or []:
+                    walk(child)
+        elif isinstance(node, list):
+            for child in node:
+                walk(child)
+
+    walk(toc)
+    return files
+
+
+def resolve(root: Path, entry: str) -> Path:
+    """The file a toc entry names (entries may omit the extension)."""
+    path = root / entry
+    if path.suffix in (".ipynb", ".md"):
+        return path
+    for ext in (".ipynb", ".md"):
+        if path.with_suffix(ext).exists():
+            return path.with_suffix(ext)
+    raise BuildError(f"_toc.yml names {entry!r} but neither {entry}.ipynb nor {entry}.md exists under {root}")
+
+
+def reduce_toc(toc: dict, keep: str) -> dict:
+    """A toc with only the root page and the chapter `keep` (for --only)."""
+    if toc["root"] == keep:
+        return {"format": toc.get("format", "jb-book"), "root": keep}
+    return {"format": toc.get("format", "jb-book"), "root": toc["root"], "chapters": [{"file": keep}]}
+
+
+def directives(source: str) -> tuple[list[str], str]:
+    """Split a code cell into its nbdev directives (normalised) and the code without them."""
+    found, kept = [], []
+    for line in source.splitlines():
+        m = DIRECTIVE.match(line)
+        if m:
+            found.append(re.sub(r"\s+", "", m.group(1)).lower())
+        else:
+            kept.append(line)
+    return found, "\n".join(kept).strip("\n")
+
+
+def postprocess(nb) -> None:
+    """Turn nbdev directives into Jupyter Book tags and drop outputs docutils cannot take (in place)."""
+    cells = []
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            found, code = directives(cell.source)
+            tags = list(cell.metadata.get("tags", []))
+            for d in found:
+                tag = TAG_FOR.get(d)
+                if tag and tag not in tags:
+                    tags.append(tag)
+            cell.source = code
+            outputs = []
+            for out in cell.get("outputs", []):
+                md = out.get("data", {}).get("text/markdown") if out.get("output_type") in ("display_data", "execute_result") else None
+                if md is not None:
+                    text = md if isinstance(md, str) else "".join(md)
+                    if text.lstrip().startswith("---"):
+                        continue
+                outputs.append(out)
+            cell.outputs = outputs
+            if tags:
+                cell.metadata["tags"] = tags
+            if not code.strip() and not outputs:
+                continue
+        cells.append(cell)
+    nb.cells = cells
+
+
+def failing_cell(nb_path: Path) -> str:
+    """Describe the first cell with an error output in an executed notebook."""
+    try:
+        nb = nbformat.read(nb_path, as_version=4)
+    except Exception:
+        return "no executed notebook was written"
+    for i, cell in enumerate(nb.cells):
+        for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
+            if out.get("output_type") == "error":
+                first = next((l for l in cell.source.splitlines() if l.strip() and not l.startswith("#|")), "")
+                return (f"cell {i} (execution count {cell.get('execution_count')}, starts `{first[:80]}`): "
+                        f"{out.get('ename')}: {str(out.get('evalue'))[:300]}")
+    return "no error cell found (timeout or kernel death?)"
+
+
+def execute(src: Path, dst: Path, cwd: Path, params: list[tuple[str, str]], timeout: int, log) -> None:
+    cmd = [sys.executable, "-m", "papermill", str(src), str(dst), "-k", "kdbook", "--cwd", str(cwd),
+           "--execution-timeout", str(timeout), "--no-progress-bar", "--log-output"]
+    for name, value in params:
+        cmd += ["-p", name, value]
+    log.write(f"$ {' '.join(cmd)}\n")
+    log.flush()
+    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        raise BuildError(f"papermill exited with {proc.returncode}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="smoke", help="smoke | quick | paper (passed as -p profile)")
+    ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                    help="extra papermill parameter, repeatable")
+    ap.add_argument("--only", help="execute and build only this chapter (name, stem or path)")
+    ap.add_argument("--results", help="results store directory for every chapter (-p results_dir)")
+    ap.add_argument("--build-dir", default=None, help="staging tree and HTML go here (default: <root>/_build)")
+    ap.add_argument("--timeout", type=int, default=600, help="papermill --execution-timeout per cell, seconds")
+    ap.add_argument("--root", default=str(REPO), help="book root holding _config.yml, _toc.yml, chapters/")
+    ap.add_argument("--no-html", action="store_true", help="execute and stage only; skip jupyter-book")
+    args = ap.parse_args(argv)
+
+    root = Path(args.root).resolve()
+    build = Path(args.build_dir).resolve() if args.build_dir else root / "_build"
+    staging, html = build / "src", build / "html"
+    if "KDBOOK_DATASETS" not in os.environ and (root.parent / "shared" / "datasets").is_dir():
+        os.environ["KDBOOK_DATASETS"] = str(root.parent / "shared" / "datasets")
+
+    toc = yaml.safe_load((root / "_toc.yml").read_text())
+    entries = toc_files(toc)
+    if args.only:
+        want = args.only.removesuffix(".ipynb").removesuffix(".md")
+        match = [e for e in entries if e.removesuffix(".ipynb").removesuffix(".md") in (want, f"chapters/{want}")
+                 or Path(e).stem == Path(want).stem]
+        if not match:
+            print(f"error: --only {args.only!r} is not in _toc.yml; entries: {entries}", file=sys.stderr)
+            return 2
+        toc = reduce_toc(toc, match[0])
+        entries = toc_files(toc)
+
+    params = [("profile", args.profile)]
+    if args.results:
+        params.append(("results_dir", str(Path(args.results).resolve())))
+    params += [tuple(p) for p in args.parameter]
+
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    for name in ("_config.yml",):
+        shutil.copy2(root / name, staging / name)
+    (staging / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
+    if (root / "book").is_dir():
+        shutil.copytree(root / "book", staging / "book", ignore=shutil.ignore_patterns("node_modules"))
+    logs = build / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+
+    paths = [resolve(root, e) for e in entries]
+    notebooks = [p for p in paths if p.suffix == ".ipynb"]
+    print(f"kdbook build: {len(paths)} pages, {len(notebooks)} notebooks, params {dict(params)}", flush=True)
+    t_all = time.time()
+    n = 0
+    for src in paths:
+        rel = src.relative_to(root)
+        dst = staging / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.suffix == ".md":
+            shutil.copy2(src, dst)
+            continue
+        n += 1
+        log_path = logs / (src.stem + ".log")
+        t0 = time.time()
+        print(f"[{n}/{len(notebooks)}] {rel} ...", end=" ", flush=True)
+        with open(log_path, "w") as log:
+            for attempt in (1, 2):
+                try:
+                    execute(src, dst, src.parent, params, args.timeout, log)
+                    break
+                except BuildError as e:
+                    where = failing_cell(dst)
+                    log.write(f"attempt {attempt} failed: {e}; {where}\n")
+                    if attempt == 2:
+                        print(f"FAILED ({time.time() - t0:.1f} s)", flush=True)
+                        print(f"error: chapter {rel} failed twice: {where}\n  papermill log: {log_path}\n"
+                              f"  executed copy: {dst}", file=sys.stderr)
+                        return 1
+                    print(f"failed ({where}); retrying ...", end=" ", flush=True)
+        nb = nbformat.read(dst, as_version=4)
+        postprocess(nb)
+        nbformat.write(nb, dst)
+        print(f"ok ({time.time() - t0:.1f} s)", flush=True)
+    print(f"executed {n} notebooks in {time.time() - t_all:.1f} s", flush=True)
+    if args.no_html:
+        return 0
+
+    t0 = time.time()
+    if html.exists():
+        shutil.rmtree(html)
+    jb = Path(sys.executable).parent / "jupyter-book"
+    cmd = [str(jb) if jb.exists() else "jupyter-book", "build", str(staging), "--path-output", str(build / "jb"),
+           "--builder", "html", "-W", "-n", "--keep-going"]
+    print("$ " + " ".join(cmd), flush=True)
+    jb_log = logs / "jupyter-book.log"
+    with open(jb_log, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    out = (build / "jb" / "_build" / "html")
+    if proc.returncode != 0 or not out.is_dir():
+        lines = jb_log.read_text(errors="replace").splitlines()
+        problems = [l for l in lines if "WARNING" in l or "ERROR" in l or "Error" in l]
+        print("\n".join(problems[:40] or lines[-40:]), file=sys.stderr)
+        print(f"error: jupyter-book build failed (strict mode: warnings are errors); full log: {jb_log}",
+              file=sys.stderr)
+        return 1
+    shutil.move(str(out), str(html))
+    print(f"jupyter-book build ok ({time.time() - t0:.1f} s); HTML in {html}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
