@@ -1,0 +1,64 @@
+# kdbook: two commands for a newcomer.
+#   make book   set up (once) and build the book into _build/html   [PROFILE=smoke|quick|paper ARGS="-p seed 1"]
+#   make test   set up (once) and run nbdev-test on every chapter + pytest tests/ (book build + browser check)
+# Setup is idempotent: a stamp file keyed by a hash of the requirements and pyproject.toml skips it on re-runs.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROFILE ?= smoke
+ARGS ?=
+
+# Offline datasets: ../shared/datasets next to the repository when it exists (override with KDBOOK_DATASETS=...).
+ifeq ($(origin KDBOOK_DATASETS),undefined)
+  ifneq ($(wildcard ../shared/datasets),)
+    export KDBOOK_DATASETS := $(abspath ../shared/datasets)
+  endif
+endif
+
+BOOK_HASH := $(shell cat requirements.txt pyproject.toml | sha256sum | cut -c1-12)
+TEST_HASH := $(shell cat requirements.txt requirements-test.txt pyproject.toml | sha256sum | cut -c1-12)
+BOOK_STAMP := $(VENV)/.kdbook-book-$(BOOK_HASH)
+TEST_STAMP := $(VENV)/.kdbook-test-$(TEST_HASH)
+
+.PHONY: book test setup setup-test clean environment nbdev-test-only pytest-only
+
+book: $(BOOK_STAMP)
+	$(BIN)/python tools/build_book.py --profile $(PROFILE) $(ARGS)
+
+test: $(TEST_STAMP)
+	$(MAKE) -s nbdev-test-only
+	$(MAKE) -s pytest-only
+
+# The two halves of `make test` (no setup; .ci/run times them separately).
+nbdev-test-only:
+	$(BIN)/nbdev-test
+pytest-only:
+	rc=0; $(BIN)/python -m pytest tests/ -v || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 5; fi; exit $$rc
+
+setup: $(BOOK_STAMP)
+setup-test: $(TEST_STAMP)
+
+$(BOOK_STAMP):
+	@echo "== setup: virtual environment $(VENV) (requirements.txt) =="
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -r requirements.txt
+	$(BIN)/python -m pip install -q -e . --no-deps
+	$(BIN)/python -m ipykernel install --sys-prefix --name kdbook --display-name kdbook
+	rm -f $(VENV)/.kdbook-book-*
+	touch $@
+
+$(TEST_STAMP): $(BOOK_STAMP)
+	@echo "== setup: test requirements and Chromium =="
+	$(BIN)/python -m pip install -q -r requirements-test.txt
+	if [ ! -x /usr/bin/chromium ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; fi
+	rm -f $(VENV)/.kdbook-test-*
+	touch $@
+
+environment:
+	$(BIN)/python tools/sync_environment.py
+
+clean:
+	rm -rf _build

@@ -1,0 +1,67 @@
+"""Shared fixtures: one smoke build of the whole book per pytest session, used by the build and
+browser tests; a local HTTP server over the built HTML."""
+from __future__ import annotations
+
+import functools
+import http.server
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+
+
+def toc_notebooks() -> list[str]:
+    """The toc's entries (book order), as written in _toc.yml."""
+    from build_book import toc_files
+    return toc_files(yaml.safe_load((REPO / "_toc.yml").read_text()))
+
+
+@pytest.fixture(scope="session")
+def built_book(tmp_path_factory):
+    """Build the whole book at profile smoke with a fresh, empty results store (real training).
+
+    Set KDBOOK_TEST_BUILD_DIR to a build dir of an earlier run (with `results/` inside) to reuse it
+    while developing the tests; CI never sets it."""
+    reuse = os.environ.get("KDBOOK_TEST_BUILD_DIR")
+    if reuse:
+        base = Path(reuse)
+        return SimpleNamespace(base=base, build=base / "build", html=base / "build" / "html",
+                               results=base / "results", stdout="(reused)", wall_s=0.0)
+    base = tmp_path_factory.mktemp("book")
+    results, build = base / "results", base / "build"
+    results.mkdir()
+    cmd = [sys.executable, str(REPO / "tools" / "build_book.py"), "--profile", "smoke",
+           "--results", str(results), "--build-dir", str(build), "--timeout", "600"]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.time() - t0
+    print(proc.stdout)
+    assert proc.returncode == 0, f"book build failed ({wall:.0f} s):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return SimpleNamespace(base=base, build=build, html=build / "html", results=results, stdout=proc.stdout,
+                           wall_s=wall)
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def served_book(built_book):
+    """http://127.0.0.1:<port> serving the built HTML (a thread of this process)."""
+    handler = functools.partial(_QuietHandler, directory=str(built_book.html))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()

@@ -1,0 +1,70 @@
+"""Headless Chromium over the built book: the Preliminaries page, its figures and its τ slider, offline."""
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.browser
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
+PAGE = "/chapters/10_preliminaries.html"
+VISIBLE_STACK_IMAGES = """() => Array.from(document.querySelectorAll('.kdbook-stack img'))
+    .filter(i => i.offsetParent !== null && i.getBoundingClientRect().width > 0).map(i => i.src)"""
+IMAGES = "() => Array.from(document.images).map(i => ({src: i.src, complete: i.complete, w: i.naturalWidth}))"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_api = pytest.importorskip("playwright.sync_api")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        yield b
+        b.close()
+
+
+def _open(browser, url, block_outside=False):
+    page = browser.new_page()
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    if block_outside:
+        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("http://127.0.0.1")
+                   else route.abort())
+    page.goto(url, wait_until="networkidle")
+    page.wait_for_selector(".kdbook-slider .noUi-handle", timeout=30_000)
+    return page, requests
+
+
+def _move_slider(page):
+    before = page.evaluate(VISIBLE_STACK_IMAGES)
+    handle = page.locator(".kdbook-slider .noUi-handle").first
+    handle.focus()
+    handle.press("ArrowRight")
+    page.wait_for_function(f"before => ({VISIBLE_STACK_IMAGES})().join() !== before.join()", arg=before,
+                           timeout=10_000)
+    return before, page.evaluate(VISIBLE_STACK_IMAGES)
+
+
+def test_preliminaries_page_figures_slider_and_no_outside_request(browser, served_book, tmp_path):
+    page, requests = _open(browser, served_book + PAGE)
+    images = page.evaluate(IMAGES)
+    figures = [i for i in images if "/_images/" in i["src"]]
+    assert figures, "the Preliminaries page shows no figure"
+    broken = [i["src"] for i in images if not (i["complete"] and i["w"] > 0)]
+    assert not broken, f"images not decoded: {broken}"
+    before, after = _move_slider(page)
+    assert len(before) == 1 and len(after) == 1, (before, after)
+    assert before != after, "moving the τ slider did not change the displayed view"
+    shot = tmp_path / "preliminaries.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    outside = [u for u in requests if not u.startswith((served_book + "/", "data:", "blob:", "about:"))]
+    assert not outside, f"requests outside the book: {outside}"
+    page.close()
+
+
+def test_slider_works_with_the_network_blocked(browser, served_book):
+    page, requests = _open(browser, served_book + PAGE, block_outside=True)
+    before, after = _move_slider(page)
+    assert before != after
+    assert all(u.startswith((served_book, "data:", "blob:", "about:")) for u in requests)
+    page.close()
