@@ -1,0 +1,105 @@
+"""Repository invariants: kdbook/ is what nbdev-export makes of the chapters, chapters are committed
+clean, the toc and chapters/ agree; plus fast checks of the build's notebook post-processing."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+from build_book import postprocess, toc_files  # noqa: E402
+from colab_cell import is_colab_cell, SOURCE, TAGS  # noqa: E402
+
+CHAPTERS = sorted((REPO / "chapters").glob("*.ipynb"))
+
+
+def _toc_entries():
+    import yaml
+    return toc_files(yaml.safe_load((REPO / "_toc.yml").read_text()))
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.py"))
+            if "__pycache__" not in p.parts}
+
+
+def test_nbdev_export_changes_nothing(tmp_path):
+    for name in ("pyproject.toml", "README.md"):
+        if (REPO / name).exists():
+            shutil.copy2(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "chapters", tmp_path / "chapters")
+    shutil.copytree(REPO / "kdbook", tmp_path / "kdbook", ignore=shutil.ignore_patterns("__pycache__"))
+    exe = Path(sys.executable).parent / "nbdev-export"
+    proc = subprocess.run([str(exe)], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    before, after = _snapshot(REPO / "kdbook"), _snapshot(tmp_path / "kdbook")
+    changed = sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+    assert not changed, f"nbdev-export would change kdbook/{changed}: run nbdev-export and commit the result"
+
+
+def test_chapters_exist():
+    assert CHAPTERS, "no chapter notebooks in chapters/"
+
+
+@pytest.mark.parametrize("nb_path", CHAPTERS, ids=lambda p: p.name)
+def test_chapter_committed_clean(nb_path):
+    nb = nbformat.read(nb_path, as_version=4)
+    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code" and (c.outputs or c.execution_count)]
+    assert not dirty, f"{nb_path.name}: cells {dirty} have outputs or execution counts; run nbdev-clean"
+
+
+@pytest.mark.parametrize("nb_path", CHAPTERS, ids=lambda p: p.name)
+def test_chapter_has_parameters_and_colab_cell(nb_path):
+    nb = nbformat.read(nb_path, as_version=4)
+    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1 and "profile" in params[0].source, f"{nb_path.name}: one `parameters` cell with profile"
+    assert any(is_colab_cell(c) for c in nb.cells[:3]), \
+        f"{nb_path.name}: no hidden Colab install cell (#| hide, tag remove-cell) among the first cells"
+
+
+def test_every_toc_entry_exists():
+    missing = [e for e in _toc_entries() if not any((REPO / (e + ext)).exists() for ext in ("", ".ipynb", ".md"))]
+    assert not missing, f"_toc.yml names missing files: {missing}"
+
+
+def test_every_chapter_is_in_the_toc():
+    entries = {e.removesuffix(".ipynb").removesuffix(".md") for e in _toc_entries()}
+    pages = sorted((REPO / "chapters").glob("*.ipynb")) + sorted((REPO / "chapters").glob("*.md"))
+    orphans = [p.name for p in pages if f"chapters/{p.stem}" not in entries]
+    assert not orphans, f"not in _toc.yml: {orphans}"
+
+
+def _cell(src, tags=None, outputs=None):
+    c = nbformat.v4.new_code_cell(src, metadata={"tags": tags} if tags else {})
+    c.outputs = outputs or []
+    return c
+
+
+def test_postprocess_maps_directives_to_tags():
+    md = nbformat.v4.new_output("display_data", data={"text/markdown": "---\n\n### f", "text/plain": "f"})
+    keep = nbformat.v4.new_output("display_data", data={"text/markdown": "**bold**", "text/plain": "b"})
+    nb = nbformat.v4.new_notebook(cells=[
+        _cell("#| default_exp losses"),
+        _cell(SOURCE, tags=list(TAGS)),
+        _cell("#| hide\nx = 1"),
+        _cell("#|echo: false\nplot()"),
+        _cell("#| export\ndef f(): pass"),
+        _cell("#| output: false\ny = 2"),
+        _cell("show_doc(f)", outputs=[md, keep]),
+        nbformat.v4.new_markdown_cell("#| not a directive in markdown"),
+    ])
+    postprocess(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert len(code) == 6  # the default_exp-only cell is gone
+    assert all("#|" not in c.source for c in code)
+    assert code[0].metadata["tags"] == ["remove-cell"] and "google.colab" in code[0].source
+    assert code[1].metadata["tags"] == ["remove-cell"] and code[1].source == "x = 1"
+    assert code[2].metadata["tags"] == ["remove-input"]
+    assert code[3].source == "def f(): pass" and "tags" not in code[3].metadata
+    assert code[4].metadata["tags"] == ["remove-output"]
+    assert code[5].outputs == [keep]
