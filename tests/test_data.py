@@ -1,0 +1,286 @@
+"""kdbook.data against the real offline copies (shared/datasets) and small hand-built roots."""
+import gzip
+import io
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import kdbook.data as D
+from kdbook.data import (ImageSet, load_dataset, to_float, stratified_subset, split_halves, fraction_subset,
+                         datasets_dir, load_cached, read_jpeg_tar)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _offline_root():
+    env = os.environ.get("KDBOOK_DATASETS")
+    if env and Path(env).is_dir(): return Path(env)
+    ci = REPO.parent / "shared" / "datasets"
+    return ci if ci.is_dir() else None
+
+
+ROOT = _offline_root()
+needs_data = pytest.mark.skipif(ROOT is None, reason="no offline datasets: KDBOOK_DATASETS is unset and "
+                                                     "../shared/datasets is absent")
+CACHE = REPO / "data"  # the chapters' cache (git-ignored), so the JPEGs are decoded once for tests and book
+
+
+# ---------- real data ----------
+@needs_data
+def test_mnist_counts_and_labels():
+    tr, te = load_dataset("mnist", "train", root=ROOT, cache_dir=CACHE), load_dataset("mnist", "test", root=ROOT, cache_dir=CACHE)
+    assert (len(tr), len(te)) == (60000, 10000)
+    assert tr.images.dtype == torch.uint8 and tr.images.shape[1:] == (1, 28, 28)
+    assert tr.labels.dtype == torch.int64
+    assert torch.bincount(te.labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert tr.origin == "offline" and "MNIST" in tr.source and "lossless" in tr.source
+
+
+@needs_data
+def test_cifar100_counts_and_label_order():
+    tr = load_dataset("cifar100", "train", root=ROOT, cache_dir=CACHE)
+    te = load_dataset("cifar100", "test", root=ROOT, cache_dir=CACHE)
+    assert (len(tr), len(te)) == (50000, 10000)
+    assert tr.images.shape[1:] == (3, 32, 32)
+    assert tr.classes[0] == "apple" and tr.classes[99] == "worm" and len(tr.classes) == 100
+    assert tr.classes == sorted(tr.classes)
+    assert torch.bincount(tr.labels).tolist() == [500] * 100
+    assert torch.bincount(te.labels).tolist() == [100] * 100
+    assert bool((tr.labels[1:] >= tr.labels[:-1]).all())  # fixed order: by label, then file name
+    assert "JPEG" in tr.source and tr.name == "cifar100"
+
+
+@needs_data
+def test_cifar100_loads_from_cache_fast():
+    import time
+    load_dataset("cifar100", "train", root=ROOT, cache_dir=CACHE)  # warm
+    t0 = time.perf_counter()
+    load_dataset("cifar100", "train", root=ROOT, cache_dir=CACHE)
+    assert time.perf_counter() - t0 < 3.0  # ~0.4 s on an idle machine; generous for a shared CI box
+
+
+@needs_data
+def test_emnist_standin_is_fashion_mnist():
+    s = load_dataset("emnist", "test", root=ROOT, cache_dir=CACHE)
+    assert s.name == "fashion_mnist" and len(s) == 10000
+    assert "stand-in" in s.source and "EMNIST" in s.source
+
+
+@needs_data
+def test_splits_on_real_labels():
+    mn = load_dataset("mnist", "train", root=ROOT, cache_dir=CACHE)
+    sub = stratified_subset(mn.labels, 200, seed=0)
+    assert torch.bincount(mn.labels[sub], minlength=10).tolist() == [20] * 10
+    assert torch.equal(sub, stratified_subset(mn.labels, 200, seed=0))
+    assert not torch.equal(sub, stratified_subset(mn.labels, 200, seed=1))
+    c = load_dataset("cifar100", "train", root=ROOT, cache_dir=CACHE)
+    d0, d1 = split_halves(c.labels, seed=0)
+    assert len(d0) == len(d1) == 25000
+    assert not torch.isin(d0, d1).any()
+    assert torch.equal(torch.cat([d0, d1]).sort().values, torch.arange(50000))
+    assert torch.bincount(c.labels[d0]).tolist() == [250] * 100
+    e0, _ = split_halves(c.labels, seed=1)
+    assert not torch.equal(d0, e0)
+
+
+# ---------- cache ----------
+def _copy_mnist(dst: Path):
+    shutil.copytree(ROOT / "MNIST", dst / "MNIST")
+    return dst
+
+
+@needs_data
+def test_cache_reused_and_rebuilt_when_corrupt(tmp_path, monkeypatch):
+    root = _copy_mnist(tmp_path / "ds")
+    cache = tmp_path / "cache"
+    a = load_dataset("mnist", "test", root=root, cache_dir=cache)
+    files = list((cache / "arrays").glob("offline-mnist-test-*.npz"))
+    assert len(files) == 1
+    # reuse: the IDX reader is not called again
+    def boom(*a, **k): raise AssertionError("decoded again although the cache is valid")
+    monkeypatch.setattr(D, "read_idx_gz", boom)
+    b = load_dataset("mnist", "test", root=root, cache_dir=cache)
+    assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels)
+    monkeypatch.undo()
+    # corrupt: flip bytes in the middle of the image data -> CRC mismatch -> rebuilt
+    raw = bytearray(files[0].read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 64] = bytes(255 - x for x in raw[len(raw) // 2: len(raw) // 2 + 64])
+    files[0].write_bytes(bytes(raw))
+    assert load_cached(files[0]) is None
+    c = load_dataset("mnist", "test", root=root, cache_dir=cache)
+    assert torch.equal(a.images, c.images)
+    assert load_cached(files[0]) is not None  # rewritten
+    # truncated (a partial write) -> rebuilt too
+    files[0].write_bytes(files[0].read_bytes()[:1000])
+    assert load_cached(files[0]) is None
+    assert torch.equal(load_dataset("mnist", "test", root=root, cache_dir=cache).images, a.images)
+    # the key follows the source file: a touched file gives a new cache entry
+    src = root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
+    load_dataset("mnist", "test", root=root, cache_dir=cache)
+    assert len(list((cache / "arrays").glob("offline-mnist-test-*.npz"))) == 2
+    assert not list((cache / "arrays").glob("*.tmp"))  # atomic writes leave no temp files
+
+
+# ---------- JPEG tarballs (tiny, hand-built) ----------
+def _jpeg(color):
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), color).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _tar(path: Path, split: str, spec: dict):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tf:
+        for cls, files in spec.items():
+            for fname, color in files:
+                data = _jpeg(color)
+                ti = tarfile.TarInfo(f"{split}/{cls}/{fname}")
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+
+
+def test_read_jpeg_tar_order_and_labels(tmp_path):
+    spec = {"worm": [("b.jpg", (0, 0, 250)), ("a.jpg", (0, 250, 0))], "apple": [("z.jpg", (250, 0, 0))],
+            "bee": [("c.jpg", (250, 250, 250))]}
+    _tar(tmp_path / "t.tar.gz", "train", spec)
+    x, y, classes = read_jpeg_tar(tmp_path / "t.tar.gz", threads=2)
+    assert classes == ["apple", "bee", "worm"]
+    assert y.tolist() == [0, 1, 2, 2]
+    assert x.shape == (4, 3, 32, 32) and x.dtype == np.uint8
+    # worm/a.jpg (green) comes before worm/b.jpg (blue)
+    assert x[2, 1].mean() > 200 and x[3, 2].mean() > 200
+    assert x[0, 0].mean() > 200  # apple is red
+
+
+def _fake_cifar_root(root: Path):
+    for folder in ("CIFAR100-JPEG", "CIFAR10-JPEG"):
+        for split in ("train", "test"):
+            _tar(root / folder / f"{split}.tar.gz", split,
+                 {"cat": [("1.jpg", (10, 20, 30))], "apple": [("2.jpg", (200, 100, 0)), ("1.jpg", (0, 0, 0))]})
+    return root
+
+
+def test_offline_cifar_and_svhn_standin(tmp_path):
+    root, cache = _fake_cifar_root(tmp_path / "ds"), tmp_path / "cache"
+    c = load_dataset("cifar100", "train", root=root, cache_dir=cache)
+    assert c.classes == ["apple", "cat"] and c.labels.tolist() == [0, 0, 1] and c.origin == "offline"
+    s = load_dataset("svhn", "test", root=root, cache_dir=cache)
+    assert s.name == "cifar10" and "stand-in" in s.source and "SVHN" in s.source
+
+
+def test_env_var_is_used(tmp_path, monkeypatch):
+    root = _fake_cifar_root(tmp_path / "ds")
+    monkeypatch.setenv("KDBOOK_DATASETS", str(root))
+    assert datasets_dir() == root
+    assert len(load_dataset("cifar10", "test", cache_dir=tmp_path / "c")) == 3
+
+
+# ---------- errors ----------
+def test_unknown_name_and_split():
+    with pytest.raises(ValueError, match="valid names: mnist, emnist, fashion_mnist, cifar10, cifar100, svhn"):
+        load_dataset("imagenet", "train")
+    with pytest.raises(ValueError, match="valid splits: train, test"):
+        load_dataset("mnist", "validation")
+
+
+@pytest.mark.parametrize("name", ["mnist", "emnist", "cifar100", "svhn"])
+def test_missing_dataset_names_both_ways(tmp_path, name):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError) as e:
+        load_dataset(name, "train", root=tmp_path / "empty", cache_dir=tmp_path / "cache")
+    msg = str(e.value)
+    assert "KDBOOK_DATASETS" in msg and "download=True" in msg and repr(name) in msg
+
+
+def test_missing_datasets_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        datasets_dir(tmp_path / "nope")
+
+
+# ---------- torchvision path, no network ----------
+@needs_data
+def test_torchvision_route_reads_a_torchvision_root(tmp_path):
+    """A torchvision-style root (decompressed IDX files in <cache>/torchvision/MNIST/raw) is read through
+    torchvision.datasets.MNIST(download=False) and preferred over the offline copy."""
+    raw = tmp_path / "cache" / "torchvision" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in (ROOT / "MNIST" / "raw").glob("*.gz"):
+        (raw / gz.name[:-3]).write_bytes(gzip.decompress(gz.read_bytes()))
+    tv = load_dataset("mnist", "test", root=ROOT, cache_dir=tmp_path / "cache")
+    assert tv.origin == "torchvision" and "torchvision.datasets.MNIST" in tv.source
+    off = load_dataset("mnist", "test", root=ROOT, cache_dir=CACHE)
+    assert torch.equal(tv.images, off.images) and torch.equal(tv.labels, off.labels)
+    assert tv.classes[0].startswith("0")
+
+
+class _FakeSVHN:
+    def __init__(self, n=8):
+        g = np.random.default_rng(0)
+        self.data = g.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+        self.labels = np.arange(n) % 10
+
+
+def test_download_true_calls_torchvision_with_download(tmp_path, monkeypatch):
+    calls = []
+    def fake(name, split, tv_root, download):
+        calls.append((name, split, Path(tv_root), download))
+        return _FakeSVHN()
+    monkeypatch.setattr(D, "_tv_dataset", fake)
+    (tmp_path / "empty").mkdir()
+    s = load_dataset("svhn", "train", root=tmp_path / "empty", cache_dir=tmp_path / "cache", download=True)
+    assert calls == [("svhn", "train", tmp_path / "cache" / "torchvision", True)]
+    assert s.origin == "torchvision" and s.name == "svhn" and len(s) == 8 and s.images.shape[1:] == (3, 32, 32)
+
+
+def test_download_failure_falls_back_to_standin(tmp_path, monkeypatch):
+    def offline(*a, **k): raise RuntimeError("network unreachable")
+    monkeypatch.setattr(D, "_tv_dataset", offline)
+    root = _fake_cifar_root(tmp_path / "ds")
+    s = load_dataset("svhn", "train", root=root, cache_dir=tmp_path / "cache", download=True)
+    assert s.name == "cifar10" and "download failed" in s.source
+    with pytest.raises(FileNotFoundError, match="network unreachable"):
+        load_dataset("mnist", "train", root=root, cache_dir=tmp_path / "cache", download=True)
+
+
+def test_emnist_torchvision_images_are_transposed_back():
+    class DS:
+        data = torch.arange(2 * 28 * 28, dtype=torch.uint8).view(2, 28, 28)
+        targets = torch.tensor([0, 1]); classes = ["0", "1"]
+    x, y, _ = D._tv_arrays("emnist", DS)
+    assert x.shape == (2, 1, 28, 28) and np.array_equal(x[0, 0], DS.data[0].numpy().T)
+
+
+# ---------- small pieces ----------
+def test_imageset_and_to_float():
+    s = ImageSet(torch.arange(48, dtype=torch.uint8).view(3, 1, 4, 4), torch.tensor([0, 1, 2]), list("abc"), "t", "hand")
+    assert len(s) == 3 and s.subset(torch.tensor([2])).labels.tolist() == [2]
+    assert s.to("cpu").images.device.type == "cpu"
+    with pytest.raises(ValueError, match="int64"):
+        ImageSet(s.images, torch.tensor([0, 1, 2], dtype=torch.int32), [], "t", "")
+    f = to_float(torch.tensor([0, 255, 127], dtype=torch.uint8))
+    assert f.dtype == torch.float32 and f[0] == -1 and f[1] == 1 and abs(f[2].item()) < 0.01
+    with pytest.raises(ValueError, match="uint8"):
+        to_float(torch.zeros(3))
+
+
+def test_fraction_subset():
+    a, b, c = (fraction_subset(1000, f, seed=3) for f in (0.25, 0.5, 1.0))
+    assert (len(a), len(b), len(c)) == (250, 500, 1000)
+    assert torch.isin(a, b).all() and torch.equal(c, torch.arange(1000))
+    assert not torch.equal(a, fraction_subset(1000, 0.25, seed=4))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fraction_subset(10, -0.1, seed=0)
+
+
+def test_stratified_subset_errors():
+    with pytest.raises(ValueError, match="fewer than"):
+        stratified_subset(torch.tensor([0, 0, 0, 1]), 4, seed=0)  # class 1 cannot give 2 examples
+    with pytest.raises(ValueError, match="n must be"):
+        stratified_subset(torch.tensor([0, 0, 1]), 0, seed=0)
