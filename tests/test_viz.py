@@ -1,0 +1,90 @@
+"""kdbook.viz: PNG rendering, the static-HTML-proof slider, the discrepancy table, curve plots."""
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import ipywidgets as widgets  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+from ipywidgets.embed import embed_data, embed_minimal_html  # noqa: E402
+
+from kdbook.viz import discrepancy_rows_html, discrepancy_table, figure_to_png, plot_curve_with_band, slider_live, slider_stack  # noqa: E402
+
+
+def _fig(k):
+    fig, ax = plt.subplots(figsize=(2, 1.5))
+    ax.bar(range(3), [k, 1, 2])
+    return fig
+
+
+def test_figure_to_png_is_a_small_png():
+    png = figure_to_png(_fig(1))
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) < 60_000
+
+
+def test_slider_stack_links_index_to_stack_in_the_embedded_state():
+    views = {t: figure_to_png(_fig(t)) for t in (0.5, 1, 4, 16)}
+    box = slider_stack(views, description="τ", initial=4)
+    slider, stack = box.children
+    assert isinstance(slider, widgets.SelectionSlider) and isinstance(stack, widgets.Stack)
+    assert slider.index == stack.selected_index == 2
+    assert [bytes(im.value) for im in stack.children] == list(views.values())
+    state = embed_data(views=[box])["manager_state"]["state"]
+    link = [m["state"] for m in state.values() if m["model_name"] == "LinkModel"]
+    assert {"source": [f"IPY_MODEL_{slider.model_id}", "index"],
+            "target": [f"IPY_MODEL_{stack.model_id}", "selected_index"]} in [
+        {"source": s["source"], "target": s["target"]} for s in link]
+    assert "kdbook-slider" in state[slider.model_id]["state"]["_dom_classes"]
+    assert "kdbook-stack" in state[stack.model_id]["state"]["_dom_classes"]
+
+
+def test_slider_stack_embeds_in_standalone_html(tmp_path):
+    box = slider_stack({1: _fig(1), 2: _fig(2)}, description="λ")
+    out = tmp_path / "w.html"
+    embed_minimal_html(out, views=[box], title="t")
+    text = out.read_text()
+    assert "application/vnd.jupyter.widget-state+json" in text and "LinkModel" in text and "StackModel" in text
+
+
+@pytest.mark.parametrize("views,kwargs,message", [
+    ({}, {}, "non-empty"), ({1: "x"}, {}, "PNG bytes"), ({1: b"\x89PNG"}, dict(initial=7), "not one of")])
+def test_slider_stack_rejects_bad_input(views, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        slider_stack(views, **kwargs)
+
+
+def test_slider_live_recomputes():
+    calls = []
+
+    def render(v):
+        calls.append(v)
+        return _fig(v)
+
+    box = slider_live(render, [1, 2, 3], description="τ")
+    box.children[0].value = 3
+    assert calls == [1, 3]
+
+
+def test_discrepancy_table_computes_difference_and_handles_missing():
+    rows = [dict(quantity="agreement", paper=84.5, ours_mean=86.0, ours_std=0.25, n=3, unit="%", verdict="ok", reason="r"),
+            dict(quantity="range", paper="84–86", ours_mean=85.0, ours_std=1.0, n=5, unit="%", verdict="", reason=""),
+            dict(quantity="none", paper=None, ours_mean=0.5, ours_std=None, n=None, unit="nats"),
+            dict(quantity="kl", paper=0.0, ours_mean=-0.25, ours_std=0.0, n=2)]
+    html = discrepancy_rows_html(rows)
+    assert "+1.50 pp" in html and "86.00% ± 0.25% (n = 3)" in html
+    assert "84–86" in html and "-0.250" in html and "0.500 nats" in html
+    assert html.count("<tr>") == 5 and html.count("–") >= 3
+    assert discrepancy_table(rows).data == html
+    with pytest.raises(ValueError, match="lacks"):
+        discrepancy_rows_html([dict(quantity="q", paper=1.0)])
+
+
+def test_plot_curve_with_band_draws_paper_values():
+    fig, ax = plt.subplots()
+    plot_curve_with_band(ax, [1, 2, 3], [0.1, 0.2, 0.3], [0.01, 0.02, 0.03], paper_x=[1, 3], paper_y=[0.15, 0.35])
+    assert len(ax.lines) == 2 and len(ax.collections) == 1
+    assert list(ax.lines[1].get_ydata()) == [0.15, 0.35] and ax.lines[1].get_linestyle() == "--"
+    with pytest.raises(ValueError, match="both"):
+        plot_curve_with_band(ax, [1], [1], paper_y=[1])
+    plt.close(fig)
