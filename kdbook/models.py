@@ -6,21 +6,21 @@
 __all__ = ['NORMS', 'BLOCKS', 'VGG16_CFG', 'MODELS', 'count_params', 'lenet5', 'norm2d', 'BasicBlock', 'Bottleneck', 'PreResNet',
            'preresnet', 'resnet20', 'resnet56', 'resnet110', 'stage_outputs', 'vgg16', 'get_model']
 
-# %% ../chapters/a2_models.ipynb #984e34e0
+# %% ../chapters/a2_models.ipynb #7002c46c
 import math
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-# %% ../chapters/a2_models.ipynb #9169cedd
+# %% ../chapters/a2_models.ipynb #6c2e15d3
 def count_params(model: nn.Module,  # any torch module
                  trainable_only: bool = False,  # count only parameters with requires_grad
                 ) -> int:
     "Number of parameters (buffers such as BatchNorm running statistics are not parameters)."
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
-# %% ../chapters/a2_models.ipynb #160df45d
+# %% ../chapters/a2_models.ipynb #83e76512
 def lenet5(num_classes: int = 10,  # output logits
            in_channels: int = 1,  # 1 for MNIST/EMNIST/Fashion-MNIST
           ) -> nn.Sequential:
@@ -36,7 +36,7 @@ def lenet5(num_classes: int = 10,  # output logits
         nn.Linear(84, num_classes),
     )
 
-# %% ../chapters/a2_models.ipynb #a31fdf03
+# %% ../chapters/a2_models.ipynb #df8a0e8f
 NORMS = ("batch", "layer")
 
 def norm2d(norm: str,  # "batch" (BatchNorm2d) or "layer" (GroupNorm(1, C), §6.2)
@@ -95,7 +95,7 @@ def _shortcut(inplanes, outplanes, stride):
         return None
     return nn.Sequential(nn.Conv2d(inplanes, outplanes, 1, stride=stride, bias=False))
 
-# %% ../chapters/a2_models.ipynb #b2d45147
+# %% ../chapters/a2_models.ipynb #b884eec4
 BLOCKS = ("auto", "basic", "bottleneck")
 
 def _blocks_per_stage(depth, block="auto"):
@@ -164,7 +164,7 @@ class PreResNet(nn.Module):
     def forward(self, x):
         return self.head(self.forward_features(x)[-1])
 
-# %% ../chapters/a2_models.ipynb #059ccf34
+# %% ../chapters/a2_models.ipynb #a0c1fc7f
 def preresnet(depth: int,  # 6n+2 (< 44, basic blocks) or 9n+2 (>= 44, bottlenecks)
               num_classes: int = 100,  # output logits
               norm: str = "batch",  # "batch" or "layer" (GroupNorm(1, C), §6.2)
@@ -187,7 +187,7 @@ def resnet110(num_classes: int = 100, norm: str = "batch", width: int = 16, in_c
     "ResNet-110: 12 bottleneck blocks per stage, the ResNet-56 student with its depth doubled (App. C.1)."
     return preresnet(110, num_classes, norm, width, in_channels)
 
-# %% ../chapters/a2_models.ipynb #209e6041
+# %% ../chapters/a2_models.ipynb #c74464a5
 def stage_outputs(model: nn.Module,  # a PreResNet (or any model with layer1, layer2, layer3)
                   x: torch.Tensor,  # a batch of inputs
                  ) -> tuple:
@@ -208,7 +208,7 @@ def stage_outputs(model: nn.Module,  # a PreResNet (or any model with layer1, la
             h.remove()
     return logits, feats
 
-# %% ../chapters/a2_models.ipynb #3c1eb93a
+# %% ../chapters/a2_models.ipynb #4905544a
 VGG16_CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 def vgg16(num_classes: int = 100,  # output logits
@@ -232,7 +232,7 @@ def vgg16(num_classes: int = 100,  # output logits
                   nn.Dropout(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, num_classes)]
     return nn.Sequential(*layers, *classifier)
 
-# %% ../chapters/a2_models.ipynb #9a640f00
+# %% ../chapters/a2_models.ipynb #594cbb0b
 MODELS = {"lenet5": lenet5, "resnet20": resnet20, "resnet56": resnet56, "resnet110": resnet110,
           "preresnet": preresnet, "vgg16": vgg16}
 

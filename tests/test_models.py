@@ -131,3 +131,25 @@ def test_stage_outputs_shapes_and_consistency():
         assert all(len(s._forward_hooks) == 0 for s in net.stages)
     with pytest.raises(ValueError, match="layer1"):
         stage_outputs(lenet5(), torch.zeros(1, 1, 28, 28))
+
+
+@pytest.mark.parametrize("norm", ["batch", "layer"])
+def test_channels_last_preserved_through_every_layer(norm):
+    net = resnet56(norm=norm).to(memory_format=torch.channels_last)
+    bad = []
+    def hook(module, inputs, output):
+        if output.dim() == 4 and not output.is_contiguous(memory_format=torch.channels_last):
+            bad.append(type(module).__name__)
+    handles = [m.register_forward_hook(hook) for m in net.modules() if m is not net]
+    net(torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last))
+    for h in handles:
+        h.remove()
+    assert bad == []
+
+
+def test_block_override():
+    assert preresnet(56, block="basic").block == "BasicBlock"
+    assert count_params(preresnet(56, block="basic")) > count_params(resnet56())
+    assert preresnet(29, block="bottleneck").block == "Bottleneck"
+    with pytest.raises(ValueError, match="unknown block"):
+        preresnet(20, block="bottle")
