@@ -10,14 +10,14 @@ determines the 'softness' of the teacher labels […]" — Stanton et al. (2021)
 # %% auto #0
 __all__ = ['kd_loss', 'ensemble_logits', 'kd_grad', 'kd_grad_limit']
 
-# %% ../chapters/10_preliminaries.ipynb #caa9b1f2
+# %% ../chapters/10_preliminaries.ipynb #e32f0052
 import math
 import numbers
 
 import torch
 import torch.nn.functional as F
 
-# %% ../chapters/10_preliminaries.ipynb #fc14ecac
+# %% ../chapters/10_preliminaries.ipynb #9c560b18
 def _check_tau(tau) -> float:
     if isinstance(tau, torch.Tensor) and tau.numel() == 1:
         tau = tau.item()
@@ -65,7 +65,7 @@ def kd_loss(student_logits: torch.Tensor,  # (batch, c) student logits z_s
         loss = loss + alpha * F.cross_entropy(student_logits, labels)
     return loss
 
-# %% ../chapters/10_preliminaries.ipynb #978f3fa1
+# %% ../chapters/10_preliminaries.ipynb #c3d291d7
 def ensemble_logits(member_logits,  # (m, batch, c) tensor, or a list of m (batch, c) tensors
                    ) -> torch.Tensor:
     "Teacher logits of an m-member ensemble, log(mean_i softmax(z_i)) (§3), numerically stable."
@@ -82,7 +82,7 @@ def ensemble_logits(member_logits,  # (m, batch, c) tensor, or a list of m (batc
     m = member_logits.shape[0]
     return torch.logsumexp(F.log_softmax(member_logits, dim=2), dim=0) - math.log(m)
 
-# %% ../chapters/10_preliminaries.ipynb #eebc7e90
+# %% ../chapters/10_preliminaries.ipynb #d2d4e4df
 def kd_grad(student_logits: torch.Tensor,  # (batch, c) student logits z_s
             teacher_logits: torch.Tensor,  # (batch, c) teacher logits z_t
             tau: float = 4.0,  # softmax temperature (> 0)

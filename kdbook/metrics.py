@@ -9,13 +9,13 @@ $\text{Average Predictive KL} := \frac{1}{n} \sum_{i=1}^n \text{KL}(\hat{p}_t(\m
 # %% auto #0
 __all__ = ['accuracy', 'nll', 'ece', 'top1_agreement', 'predictive_kl', 'cka_linear', 'cka_rbf']
 
-# %% ../chapters/11_metrics.ipynb #48bd75dc
+# %% ../chapters/11_metrics.ipynb #b21b998b
 import math
 
 import torch
 import torch.nn.functional as F
 
-# %% ../chapters/11_metrics.ipynb #1bb55d14
+# %% ../chapters/11_metrics.ipynb #6b479b28
 def _check_logits(logits: torch.Tensor, name: str = "logits"):
     "Raise a ValueError unless `logits` is a 2-D floating tensor `(n_examples, n_classes)`."
     if not isinstance(logits, torch.Tensor):
@@ -40,7 +40,7 @@ def _check_labels(logits: torch.Tensor, labels: torch.Tensor):
         raise ValueError(f"labels must be a 1-D tensor with one class index per row of logits "
                          f"({logits.shape[0]}), got {getattr(labels, 'shape', type(labels).__name__)}")
 
-# %% ../chapters/11_metrics.ipynb #a192bb03
+# %% ../chapters/11_metrics.ipynb #49914634
 def accuracy(logits: torch.Tensor,  # (n, c) logits
              labels: torch.Tensor,  # (n,) class indices
             ) -> float:
@@ -75,7 +75,7 @@ def ece(logits: torch.Tensor,  # (n, c) logits
     acc_sum = torch.zeros_like(count).index_add_(0, bins, correct)
     return ((acc_sum - conf_sum).abs().sum() / confidence.numel()).item()
 
-# %% ../chapters/11_metrics.ipynb #37635dcf
+# %% ../chapters/11_metrics.ipynb #32f1167b
 def top1_agreement(teacher_logits: torch.Tensor,  # (n, c) teacher logits z_t
                    student_logits: torch.Tensor,  # (n, c) student logits z_s
                   ) -> float:
@@ -93,7 +93,7 @@ def predictive_kl(teacher_logits: torch.Tensor,  # (n, c) teacher logits z_t
     log_p_s = F.log_softmax(student_logits.double(), dim=1)
     return (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=1).mean().item()
 
-# %% ../chapters/11_metrics.ipynb #c3146252
+# %% ../chapters/11_metrics.ipynb #d6e06d36
 def _activations(x: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.ndim < 2:
         raise ValueError(f"{name} must be a tensor of activations (n_examples, ...), got {getattr(x, 'shape', type(x).__name__)}")

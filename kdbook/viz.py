@@ -3,7 +3,7 @@
 # %% auto #0
 __all__ = ['figure_to_png', 'slider_stack', 'slider_live', 'discrepancy_rows_html', 'discrepancy_table', 'plot_curve_with_band']
 
-# %% ../chapters/a4_figures.ipynb #d51de73a
+# %% ../chapters/a4_figures.ipynb #c8877305
 import html
 import io
 import math
@@ -13,7 +13,7 @@ import ipywidgets as widgets
 import numpy as np
 from IPython.display import HTML
 
-# %% ../chapters/a4_figures.ipynb #ec70a178
+# %% ../chapters/a4_figures.ipynb #f7f380d8
 def figure_to_png(fig,  # a matplotlib Figure
                   dpi: int = 80,  # resolution; 80 keeps a 6x3 inch figure around 20-40 KB
                   close: bool = True,  # close the figure so it is not displayed a second time
@@ -27,7 +27,7 @@ def figure_to_png(fig,  # a matplotlib Figure
         plt.close(fig)
     return buf.getvalue()
 
-# %% ../chapters/a4_figures.ipynb #8e497914
+# %% ../chapters/a4_figures.ipynb #356f8daf
 def _png(view) -> bytes:
     if isinstance(view, (bytes, bytearray)):
         return bytes(view)
@@ -85,7 +85,7 @@ def slider_live(render,  # render(value) -> matplotlib Figure, called on every m
     show()
     return widgets.VBox([slider, out])
 
-# %% ../chapters/a4_figures.ipynb #51bd370e
+# %% ../chapters/a4_figures.ipynb #91cb644f
 def _fmt(x, unit: str = "", digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
@@ -138,7 +138,7 @@ def discrepancy_table(rows,  # list of dicts: quantity, paper, ours_mean, ours_s
     "Render paper · ours (mean ± std over n) · difference · verdict · reason as an HTML table (STYLE.md)."
     return HTML(discrepancy_rows_html(rows))
 
-# %% ../chapters/a4_figures.ipynb #c780c67e
+# %% ../chapters/a4_figures.ipynb #74e980f1
 def plot_curve_with_band(ax,  # matplotlib Axes to draw on
                          x,  # x values
                          mean,  # mean over trials at each x
