@@ -8,7 +8,7 @@ starting it at the teacher's *initial* weights does not (Table 1)."""
 __all__ = ['interpolate_state', 'FlatSpec', 'flatten_state', 'unflatten_state', 'PlaneBasis', 'plane_basis', 'plane_grid',
            'functional_model', 'loss_on_plane', 'plot_loss_plane']
 
-# %% ../chapters/42_optimization.ipynb #77004fdd
+# %% ../chapters/42_optimization.ipynb #b954aebc
 import math
 from dataclasses import dataclass
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from .losses import kd_loss
 
-# %% ../chapters/42_optimization.ipynb #3881f3c2
+# %% ../chapters/42_optimization.ipynb #0a74d6d3
 def _check_lam(lam):
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or math.isnan(lam) or not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be a number in [0, 1] (0 = random weights, 1 = teacher weights); got {lam!r}")
@@ -50,7 +50,7 @@ def interpolate_state(teacher_state: dict,  # state_dict of the trained teacher,
             out[k] = t.detach().clone()  # integer buffers (BatchNorm's batch counter) are not weights
     return out
 
-# %% ../chapters/42_optimization.ipynb #5a29c94c
+# %% ../chapters/42_optimization.ipynb #dfecf8f9
 @dataclass(frozen=True)
 class FlatSpec:
     "Layout of a flat weight vector: tensor names, shapes and dtypes, in order."
@@ -85,7 +85,7 @@ def unflatten_state(vector: torch.Tensor,  # 1-D vector made by `flatten_state` 
         i += n
     return out
 
-# %% ../chapters/42_optimization.ipynb #e588c1d2
+# %% ../chapters/42_optimization.ipynb #aabac7cf
 @dataclass(frozen=True)
 class PlaneBasis:
     "Orthonormal frame (u, v) of the plane through three weight vectors, with its origin at the teacher (Fig. 6c)."
@@ -137,16 +137,14 @@ def plane_grid(basis: PlaneBasis,  # the plane
                resolution: int = 21,  # grid points per axis
                margin: float = 0.25,  # extend the window by this fraction of its size on every side
               ):  # (alphas, betas): 1-D float64 tensors of plane coordinates
-    "A square-cell grid covering the three points of `basis` with a margin, for `loss_on_plane`."
+    "A square window (same extent along u and v) covering the three points of `basis` with a margin, for `loss_on_plane`."
     if resolution < 2: raise ValueError(f"resolution must be >= 2, got {resolution}")
     pts = torch.tensor(list(basis.coords.values()), dtype=torch.float64)
     lo, hi = pts.min(0).values, pts.max(0).values
-    span = float((hi - lo).max())
-    lo, hi = lo - margin * span, hi + margin * span
-    return torch.linspace(float(lo[0]), float(hi[0]), resolution, dtype=torch.float64), \
-           torch.linspace(float(lo[1]), float(hi[1]), resolution, dtype=torch.float64)
+    centre, half = (lo + hi) / 2, float((hi - lo).max()) * (0.5 + margin)  # a square window: equal units on both axes
+    return tuple(torch.linspace(float(c) - half, float(c) + half, resolution, dtype=torch.float64) for c in centre)
 
-# %% ../chapters/42_optimization.ipynb #ef816282
+# %% ../chapters/42_optimization.ipynb #19b9508b
 def functional_model(model: nn.Module,  # the architecture; its own weights are not used
                      spec: FlatSpec,  # layout of the flat vectors that will be passed
                     ):  # f(theta, images) -> logits
@@ -182,7 +180,7 @@ def loss_on_plane(model_fn,  # f(theta, images) -> logits, e.g. from `functional
             out[j, i] = total / len(data)
     return out
 
-# %% ../chapters/42_optimization.ipynb #0f8059f5
+# %% ../chapters/42_optimization.ipynb #4e014184
 def plot_loss_plane(ax,  # matplotlib Axes
                     alphas,  # plane coordinates along u (x axis)
                     betas,  # plane coordinates along v (y axis)
