@@ -144,11 +144,14 @@ def failing_cell(nb_path: Path) -> str:
         nb = nbformat.read(nb_path, as_version=4)
     except Exception:
         return "no executed notebook was written"
-    for i, cell in enumerate(nb.cells):
+    # index in the chapter as committed: skip the cells papermill adds (parameters, error banner)
+    added = {"injected-parameters", "papermill-error-cell-tag"}
+    cells = [c for c in nb.cells if not added & set(c.metadata.get("tags", []))]
+    for i, cell in enumerate(cells):
         for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
             if out.get("output_type") == "error":
                 first = next((l for l in cell.source.splitlines() if l.strip() and not l.startswith("#|")), "")
-                return (f"cell {i} (execution count {cell.get('execution_count')}, starts `{first[:80]}`): "
+                return (f"cell {i} (0-based, as in the chapter; starts `{first[:80]}`): "
                         f"{out.get('ename')}: {str(out.get('evalue'))[:300]}")
     return "no error cell found (timeout or kernel death?)"
 
