@@ -7,7 +7,7 @@ __all__ = ['confusion_matrix', 'classification_report', 'reports_html', 'error_o
            'kd_logit_gradients', 'label_gradient_share', 'plot_figure2', 'plot_alpha_tau_heatmaps',
            'plot_confusion_matrices']
 
-# %% ../chapters/21_mnist.ipynb #980e937d
+# %% ../chapters/21_mnist.ipynb #b3498d9c
 import math
 
 import matplotlib.pyplot as plt
@@ -17,7 +17,7 @@ from IPython.display import HTML
 
 from .viz import plot_curve_with_band
 
-# %% ../chapters/21_mnist.ipynb #a8500440
+# %% ../chapters/21_mnist.ipynb #2be4b0f6
 def _as_int_array(x, name: str) -> np.ndarray:
     a = np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x)
     if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
@@ -56,7 +56,7 @@ def classification_report(labels,  # true classes, (n,) ints
                 macro=dict(precision=float(precision.mean()), recall=float(recall.mean()), f1=float(f1.mean())),
                 weighted=dict(precision=float(w @ precision), recall=float(w @ recall), f1=float(w @ f1)))
 
-# %% ../chapters/21_mnist.ipynb #ea8917ba
+# %% ../chapters/21_mnist.ipynb #80de2669
 def reports_html(reports: dict,  # model name -> classification_report(...)
                  class_names,  # names of the C classes, in label order
                 ) -> HTML:
@@ -77,7 +77,7 @@ def reports_html(reports: dict,  # model name -> classification_report(...)
     rows.append(f"<tr><td>accuracy</td>{cells}<td>{sum(reports[names[0]]['support'])}</td></tr>")
     return HTML('<table class="kdbook-report"><thead>' + head + "</thead><tbody>" + "".join(rows) + "</tbody></table>")
 
-# %% ../chapters/21_mnist.ipynb #d95f6835
+# %% ../chapters/21_mnist.ipynb #79890c4f
 def error_overlap(labels,  # true classes, (n,) ints
                   teacher_preds,  # teacher's predicted classes, (n,) ints
                   student_preds,  # student's predicted classes, (n,) ints
@@ -93,7 +93,7 @@ def error_overlap(labels,  # true classes, (n,) ints
                 shared=float((s_err & t_err).sum() / n) if n else float("nan"),
                 copied=float((s_err & (s == t)).sum() / n) if n else float("nan"))
 
-# %% ../chapters/21_mnist.ipynb #c9ff66e4
+# %% ../chapters/21_mnist.ipynb #6bd54cf0
 def soft_label_entropy(teacher_logits: torch.Tensor,  # (n, C) teacher logits z_t
                        tau: float,  # temperature
                       ) -> float:
@@ -134,7 +134,7 @@ def label_gradient_share(student_logits: torch.Tensor,  # (n, C) z_s
     a, b = float(g_nll.norm(dim=1).mean()), float(g_kd.norm(dim=1).mean())
     return dict(label_norm=a, kd_norm=b, label_share=a / (a + b) if a + b > 0 else float("nan"))
 
-# %% ../chapters/21_mnist.ipynb #7d1c17e0
+# %% ../chapters/21_mnist.ipynb #061d0b28
 def _mean_std(rows) -> tuple:
     a = np.asarray(rows, dtype=float)
     return a.mean(0), (a.std(0, ddof=1) if a.shape[0] > 1 else np.zeros(a.shape[1:]))
