@@ -8,7 +8,7 @@ starting it at the teacher's *initial* weights does not (Table 1)."""
 __all__ = ['interpolate_state', 'FlatSpec', 'flatten_state', 'unflatten_state', 'PlaneBasis', 'plane_basis', 'plane_grid',
            'functional_model', 'loss_on_plane', 'plot_loss_plane']
 
-# %% ../chapters/42_optimization.ipynb #749b3348
+# %% ../chapters/42_optimization.ipynb #e55a4f29
 import math
 from dataclasses import dataclass
 
@@ -19,7 +19,7 @@ from torch import nn
 
 from .losses import kd_loss
 
-# %% ../chapters/42_optimization.ipynb #35133a12
+# %% ../chapters/42_optimization.ipynb #af1ad9ed
 def _check_lam(lam):
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or math.isnan(lam) or not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be a number in [0, 1] (0 = random weights, 1 = teacher weights); got {lam!r}")
@@ -50,7 +50,7 @@ def interpolate_state(teacher_state: dict,  # state_dict of the trained teacher,
             out[k] = t.detach().clone()  # integer buffers (BatchNorm's batch counter) are not weights
     return out
 
-# %% ../chapters/42_optimization.ipynb #e2444089
+# %% ../chapters/42_optimization.ipynb #109c745a
 @dataclass(frozen=True)
 class FlatSpec:
     "Layout of a flat weight vector: tensor names, shapes and dtypes, in order."
@@ -85,7 +85,7 @@ def unflatten_state(vector: torch.Tensor,  # 1-D vector made by `flatten_state` 
         i += n
     return out
 
-# %% ../chapters/42_optimization.ipynb #e21c7678
+# %% ../chapters/42_optimization.ipynb #d4129c10
 @dataclass(frozen=True)
 class PlaneBasis:
     "Orthonormal frame (u, v) of the plane through three weight vectors, with its origin at the teacher (Fig. 6c)."
@@ -144,7 +144,7 @@ def plane_grid(basis: PlaneBasis,  # the plane
     centre, half = (lo + hi) / 2, float((hi - lo).max()) * (0.5 + margin)  # a square window: equal units on both axes
     return tuple(torch.linspace(float(c) - half, float(c) + half, resolution, dtype=torch.float64) for c in centre)
 
-# %% ../chapters/42_optimization.ipynb #dc2118d9
+# %% ../chapters/42_optimization.ipynb #b67e9782
 def functional_model(model: nn.Module,  # the architecture; its own weights are not used
                      spec: FlatSpec,  # layout of the flat vectors that will be passed
                     ):  # f(theta, images) -> logits
@@ -180,7 +180,7 @@ def loss_on_plane(model_fn,  # f(theta, images) -> logits, e.g. from `functional
             out[j, i] = total / len(data)
     return out
 
-# %% ../chapters/42_optimization.ipynb #505a243d
+# %% ../chapters/42_optimization.ipynb #a59cddcc
 def plot_loss_plane(ax,  # matplotlib Axes
                     alphas,  # plane coordinates along u (x axis)
                     betas,  # plane coordinates along v (y axis)
