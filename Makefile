@@ -1,5 +1,6 @@
 # kdbook: two commands for a newcomer.
 #   make book   set up (once) and build the book into _build/html   [PROFILE=smoke|quick|paper ARGS="-p seed 1"]
+#               (no PROFILE: each chapter at the profile profiles.yml publishes it at)
 #   make test   set up (once) and run nbdev-test on every chapter + pytest tests/ (book build + browser check)
 # Setup is idempotent: a stamp file keyed by a hash of the requirements and pyproject.toml skips it on re-runs.
 SHELL := /bin/bash
@@ -7,7 +8,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-PROFILE ?= smoke
+PROFILE ?=
 ARGS ?=
 
 # Offline datasets: ../shared/datasets next to the repository when it exists (override with KDBOOK_DATASETS=...).
@@ -25,7 +26,7 @@ TEST_STAMP := $(VENV)/.kdbook-test-$(TEST_HASH)
 .PHONY: book test setup setup-test clean environment nbdev-test-only pytest-only
 
 book: $(BOOK_STAMP)
-	$(BIN)/python tools/build_book.py --profile $(PROFILE) $(ARGS)
+	$(BIN)/python tools/build_book.py $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
 
 test: $(TEST_STAMP)
 	$(MAKE) -s nbdev-test-only

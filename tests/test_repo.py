@@ -103,3 +103,19 @@ def test_postprocess_maps_directives_to_tags():
     assert code[3].source == "def f(): pass" and "tags" not in code[3].metadata
     assert code[4].metadata["tags"] == ["remove-output"]
     assert code[5].outputs == [keep]
+
+
+def test_published_profiles_name_real_chapters_and_profiles(tmp_path):
+    """profiles.yml (what `make book` renders each chapter at) names toc chapters and known profiles;
+    a bad profile there is a clear error, and --profile overrides it."""
+    import yaml
+    from build_book import BuildError, chapter_profiles
+    spec = yaml.safe_load((REPO / "profiles.yml").read_text())
+    stems = {Path(e).stem for e in _toc_entries()}
+    assert set(spec.get("chapters") or {}) <= stems, "profiles.yml names a chapter that is not in _toc.yml"
+    of = chapter_profiles(REPO, None)
+    assert all(of(s) in ("smoke", "quick", "paper") for s in stems)
+    assert chapter_profiles(REPO, "paper")("21_mnist") == "paper"
+    (tmp_path / "profiles.yml").write_text("default: smoke\nchapters: {21_mnist: fast}\n")
+    with pytest.raises(BuildError, match="unknown profile 'fast'"):
+        chapter_profiles(tmp_path, None)

@@ -60,8 +60,29 @@ TAG_FOR = {
 }
 
 
+PROFILES = ("smoke", "quick", "paper")
+
+
 class BuildError(RuntimeError):
     pass
+
+
+def chapter_profiles(root: Path, profile: str | None):
+    """chapter stem -> profile: `profile` for all when given, else `profiles.yml` (default smoke).
+
+    profiles.yml names the profile the published book renders each chapter at: a chapter moves from
+    smoke to quick once its quick results are committed to results/, so that `make book` reads them
+    instead of training again."""
+    if profile is not None:
+        return lambda stem: profile
+    path = root / "profiles.yml"
+    spec = yaml.safe_load(path.read_text()) if path.exists() else {}
+    default = spec.get("default", "smoke")
+    chapters = spec.get("chapters") or {}
+    for name, value in [("default", default), *chapters.items()]:
+        if value not in PROFILES:
+            raise BuildError(f"{path}: {name}: unknown profile {value!r}; use one of {', '.join(PROFILES)}")
+    return lambda stem: chapters.get(stem, default)
 
 
 def toc_files(toc: dict) -> list[str]:
@@ -198,7 +219,9 @@ def run_chapter(src: Path, dst: Path, params: list[tuple[str, str]], timeout: in
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--profile", default="smoke", help="smoke | quick | paper (passed as -p profile)")
+    ap.add_argument("--profile", default=None, choices=PROFILES,
+                    help="run every chapter at this profile (-p profile); default: each chapter at the profile "
+                         "profiles.yml publishes it at (smoke where none is named)")
     ap.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
                     help="extra papermill parameter, repeatable")
     ap.add_argument("--only", help="execute and build only this chapter (name, stem or path)")
@@ -229,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         toc = reduce_toc(toc, match[0])
         entries = toc_files(toc)
 
-    params = [("profile", args.profile)]
+    profile_of = chapter_profiles(root, args.profile)
+    params = []
     if args.results:
         params.append(("results_dir", str(Path(args.results).resolve())))
     params += [tuple(p) for p in args.parameter]
@@ -247,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
 
     paths = [resolve(root, e) for e in entries]
     notebooks = [p for p in paths if p.suffix == ".ipynb"]
-    print(f"kdbook build: {len(paths)} pages, {len(notebooks)} notebooks, params {dict(params)}", flush=True)
+    shown = args.profile or ", ".join(f"{p.stem}={profile_of(p.stem)}" for p in notebooks)
+    print(f"kdbook build: {len(paths)} pages, {len(notebooks)} notebooks, profile {shown}, params {dict(params)}",
+          flush=True)
     t_all = time.time()
     jobs = max(1, min(args.jobs, len(notebooks) or 1))
     env = dict(os.environ)
@@ -262,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copy2(src, dst)
     failures = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_chapter, src, staging / src.relative_to(root), params, args.timeout,
+        futures = {pool.submit(run_chapter, src, staging / src.relative_to(root),
+                               [("profile", profile_of(src.stem))] + params, args.timeout,
                                logs / (src.stem + ".log"), env): src for src in notebooks}
         for n, fut in enumerate(as_completed(futures), 1):
             rel = futures[fut].relative_to(root)
