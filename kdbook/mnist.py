@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from IPython.display import HTML
 
+from .losses import check_tau
 from .viz import plot_curve_with_band
 
 # %% ../chapters/21_mnist.ipynb #2be4b0f6
@@ -98,9 +99,7 @@ def soft_label_entropy(teacher_logits: torch.Tensor,  # (n, C) teacher logits z_
                        tau: float,  # temperature
                       ) -> float:
     "Mean entropy (nats) of the teacher's soft labels softmax(z_t / tau); ln C is the uniform maximum."
-    if tau <= 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    logp = torch.log_softmax(teacher_logits.double() / tau, dim=1)
+    logp = torch.log_softmax(teacher_logits.double() / check_tau(tau), dim=1)
     return float(-(logp.exp() * logp).sum(1).mean())
 
 

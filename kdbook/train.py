@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from .augment import POLICIES, augment
 from .data import ImageSet, to_float
-from .losses import ensemble_logits, kd_loss
+from .losses import check_alpha, check_tau, ensemble_logits, kd_loss
 from .metrics import accuracy, ece, nll, predictive_kl, top1_agreement
 
 # %% auto #0
@@ -449,10 +449,7 @@ def distill(student: nn.Module,  # the network to train
     "Knowledge distillation (Eq. 1) → history: test acc/nll/ece/agreement/kl and agreement/kl on distill_data."
     _check_images("distill_data", distill_data)
     _check_images("test", test)
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    tau, alpha = check_tau(tau), check_alpha(alpha)
     if alpha > 0 and extra_data is not None:
         raise ValueError("alpha > 0 needs true labels for every example, but extra_data is unlabelled: use alpha=0")
     device = resolve_device(cfg.device)
@@ -596,10 +593,7 @@ def distill_many(students: list,  # k students of one architecture without Batch
     "distill for k students at once (stacked weights, one vmapped step, one teacher call); k histories."
     _check_images("distill_data", distill_data)
     _check_images("test", test)
-    if not tau > 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
-    if not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    tau, alpha = check_tau(tau), check_alpha(alpha)
     device = resolve_device(cfg.device)
     teacher = teachers if isinstance(teachers, Ensemble) else Ensemble(teachers)
     teacher = teacher.to(device)
