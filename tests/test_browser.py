@@ -1,4 +1,5 @@
-"""Headless Chromium over the built book: the Preliminaries page, its figures and its τ slider, offline."""
+"""Headless Chromium over the built book: every chapter page's figures, and the τ slider (Preliminaries)
+and the λ slider (§6.2) moving in the static HTML, offline."""
 from __future__ import annotations
 
 import pytest
@@ -8,6 +9,8 @@ CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
 PAGE = "/chapters/10_preliminaries.html"
+# the pages with a precomputed-view slider (kdbook.viz.slider_stack) and what it sweeps
+SLIDER_PAGES = {"tau": PAGE, "lam": "/chapters/42_optimization.html"}
 VISIBLE_STACK_IMAGES = """() => Array.from(document.querySelectorAll('.kdbook-stack img'))
     .filter(i => i.offsetParent !== null && i.getBoundingClientRect().width > 0).map(i => i.src)"""
 IMAGES = "() => Array.from(document.images).map(i => ({src: i.src, complete: i.complete, w: i.naturalWidth}))"
@@ -62,9 +65,25 @@ def test_preliminaries_page_figures_slider_and_no_outside_request(browser, serve
     page.close()
 
 
-def test_slider_works_with_the_network_blocked(browser, served_book):
-    page, requests = _open(browser, served_book + PAGE, block_outside=True)
+@pytest.mark.parametrize("swept", sorted(SLIDER_PAGES))
+def test_slider_works_with_the_network_blocked(browser, served_book, swept):
+    page, requests = _open(browser, served_book + SLIDER_PAGES[swept], block_outside=True)
     before, after = _move_slider(page)
     assert before != after
     assert all(u.startswith((served_book, "data:", "blob:", "about:")) for u in requests)
     page.close()
+
+
+def test_every_chapter_page_shows_its_figures(browser, served_book, built_book):
+    """Every executed chapter page loads, and every image on it decodes; pages with sliders render them."""
+    pages = sorted(p.relative_to(built_book.html).as_posix() for p in (built_book.html / "chapters").glob("*.html"))
+    assert len(pages) >= 10, pages
+    for rel in pages:
+        page = browser.new_page()
+        page.goto(f"{served_book}/{rel}", wait_until="networkidle")
+        if "/" + rel in SLIDER_PAGES.values():
+            page.wait_for_selector(".kdbook-slider .noUi-handle", timeout=30_000)
+        images = page.evaluate(IMAGES)
+        broken = [i["src"] for i in images if not (i["complete"] and i["w"] > 0)]
+        assert not broken, f"{rel}: images not decoded: {broken}"
+        page.close()
