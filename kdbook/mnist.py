@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from IPython.display import HTML
 
-from .losses import check_tau
+from .losses import check_alpha, check_tau
 from .viz import plot_curve_with_band
 
 # %% ../chapters/21_mnist.ipynb #2be4b0f6
@@ -110,8 +110,7 @@ def kd_logit_gradients(student_logits: torch.Tensor,  # (n, C) z_s
                        alpha: float,  # weight of the true-label NLL (Eq. 1)
                       ) -> tuple:
     "Per-example gradients of the two terms of Eq. 1 w.r.t. the student logits: alpha*(p_s - e_y), (1-alpha)*tau*(p_s^tau - p_t^tau)."
-    if tau <= 0 or not 0 <= alpha <= 1:
-        raise ValueError(f"need tau > 0 and alpha in [0, 1], got tau={tau}, alpha={alpha}")
+    tau, alpha = check_tau(tau), check_alpha(alpha)
     if student_logits.shape != teacher_logits.shape or labels.shape != student_logits.shape[:1]:
         raise ValueError(f"shapes do not match: student {tuple(student_logits.shape)}, teacher "
                          f"{tuple(teacher_logits.shape)}, labels {tuple(labels.shape)}")
