@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 from ipywidgets.embed import embed_data, embed_minimal_html  # noqa: E402
 
-from kdbook.viz import discrepancy_rows_html, discrepancy_table, figure_to_png, plot_curve_with_band, slider_live, slider_stack  # noqa: E402
+from kdbook.viz import SMOKE_LINE, discrepancy_rows_html, discrepancy_table, mean_std, figure_to_png, plot_curve_with_band, slider_live, slider_stack  # noqa: E402
 
 
 def _fig(k):
@@ -78,6 +78,38 @@ def test_discrepancy_table_computes_difference_and_handles_missing():
     assert discrepancy_table(rows).data == html
     with pytest.raises(ValueError, match="lacks"):
         discrepancy_rows_html([dict(quantity="q", paper=1.0)])
+
+
+def test_discrepancy_table_collapses_at_smoke():
+    rows = [dict(quantity=f"q{i}", paper=1.0, ours_mean=0.5, ours_std=0.1, n=3, verdict="not comparable (smoke)")
+            for i in range(25)]
+    html = discrepancy_rows_html(rows, profile="smoke")
+    assert SMOKE_LINE in html and html.count("<tr>") == 1 and "0.500" not in html
+    assert discrepancy_table(rows, profile="smoke").data == html
+    # other profiles, or an explicit collapse=False (identities that hold at any profile), keep every row
+    assert discrepancy_rows_html(rows, profile="quick").count("<tr>") == 26
+    assert discrepancy_rows_html(rows, profile="smoke", collapse=False).count("<tr>") == 26
+    assert discrepancy_rows_html(rows).count("<tr>") == 26  # the old call signature: no profile, no collapse
+
+
+def test_discrepancy_table_reference_column_caption_and_counts():
+    rows = [dict(quantity="train images", paper=60000, ours_mean=60000, ours_std=0.0, n=1),
+            dict(quantity="mean (R)", paper=0.5071, ours_mean=0.5070, ours_std=0.0, n=1)]
+    html = discrepancy_rows_html(rows, reference="torchvision statistics", profile="quick", device="cpu: x86_64")
+    assert "<th>torchvision statistics</th>" in html and "<th>paper</th>" not in html
+    assert "<caption>" in html and "profile quick" in html and "cpu: x86_64" in html
+    assert "60,000 (n = 1)" in html and "60000.000" not in html and "± 0.000" not in html
+    assert "<th>paper</th>" in discrepancy_rows_html(rows)  # default header unchanged for the other chapters
+
+
+def test_mean_std_is_the_sample_std():
+    mean, std, n = mean_std([1.0, 2.0, 3.0, 4.0])
+    assert (mean, n) == (2.5, 4) and abs(std - 1.2909944487) < 1e-9  # ddof = 1, not 1.118 (ddof = 0)
+    assert mean_std([7.0]) == (7.0, None, 1)
+    with pytest.raises(ValueError, match="at least one"):
+        mean_std([])
+    html = discrepancy_rows_html([dict(quantity="acc", paper=None, values=[1.0, 2.0, 3.0, 4.0], unit="%")])
+    assert "2.50% ± 1.29% (n = 4)" in html
 
 
 def test_plot_curve_with_band_draws_paper_values():
