@@ -203,5 +203,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'kdbook.viz.figure_to_png': ('a4_figures.html#figure_to_png', 'kdbook/viz.py'),
                             'kdbook.viz.mean_std': ('a4_figures.html#mean_std', 'kdbook/viz.py'),
                             'kdbook.viz.plot_curve_with_band': ('a4_figures.html#plot_curve_with_band', 'kdbook/viz.py'),
+                            'kdbook.viz.provenance': ('a4_figures.html#provenance', 'kdbook/viz.py'),
                             'kdbook.viz.slider_live': ('a4_figures.html#slider_live', 'kdbook/viz.py'),
                             'kdbook.viz.slider_stack': ('a4_figures.html#slider_stack', 'kdbook/viz.py')}}}

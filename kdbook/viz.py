@@ -2,7 +2,7 @@
 
 # %% auto #0
 __all__ = ['SMOKE_LINE', 'figure_to_png', 'slider_stack', 'slider_live', 'mean_std', 'discrepancy_rows_html', 'discrepancy_table',
-           'plot_curve_with_band']
+           'provenance', 'plot_curve_with_band']
 
 # %% ../chapters/a4_figures.ipynb #c8877305
 import html
@@ -195,6 +195,18 @@ def discrepancy_table(rows,  # list of dicts: quantity, paper, ours_mean, ours_s
                      ) -> HTML:
     "Render reference · ours (mean ± sample std over n) · difference · verdict · reason as an HTML table (STYLE.md)."
     return HTML(discrepancy_rows_html(rows, reference=reference, profile=profile, device=device, collapse=collapse))
+
+# %% ../chapters/a4_figures.ipynb #5a1e7c21
+def provenance(profile: str,  # the profile the figure's numbers were computed at
+               device: str,  # where they were computed, e.g. a record's meta["device"]
+               n: str | None = None,  # what the figure averages or shows, e.g. "3 seeds" or "256 test images"
+              ) -> str:
+    "The line under a figure: profile · device · n (a smoke profile is flagged as a pipeline check)."
+    if not profile or not device:
+        raise ValueError("provenance needs the profile and the device that computed the figure")
+    parts = [f"profile {profile}" + (" (pipeline check only: the numbers mean nothing)" if profile == "smoke" else ""),
+             f"computed on {device}"] + ([f"n = {n}"] if n else [])
+    return " · ".join(parts)
 
 # %% ../chapters/a4_figures.ipynb #74e980f1
 def plot_curve_with_band(ax,  # matplotlib Axes to draw on
