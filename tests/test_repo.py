@@ -13,7 +13,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 from build_book import postprocess, toc_files  # noqa: E402
-from colab_cell import is_colab_cell, SOURCE, TAGS  # noqa: E402
+from colab_cell import (check as check_colab_cells, colab_source, follow_published_profile, is_colab_cell,  # noqa: E402
+                        published_profile, repository_url, TAGS)
 
 CHAPTERS = sorted((REPO / "chapters").glob("*.ipynb"))
 
@@ -62,6 +63,73 @@ def test_chapter_has_parameters_and_colab_cell(nb_path):
         f"{nb_path.name}: no hidden Colab install cell (#| hide, tag remove-cell) among the first cells"
 
 
+def test_colab_cells_and_launch_links_use_the_one_repository_address(tmp_path):
+    """The repository address is written once, in _config.yml (repository.url, which Jupyter Book's Colab
+    launch links are built from); every chapter's Colab cell is generated from it and names its chapter."""
+    import yaml
+    url = repository_url(REPO)
+    config = yaml.safe_load((REPO / "_config.yml").read_text())
+    assert config["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
+    assert not check_colab_cells(CHAPTERS), "stale Colab cells: run python tools/colab_cell.py --write"
+    for nb_path in CHAPTERS:
+        cell = next(c for c in nbformat.read(nb_path, as_version=4).cells[:3] if is_colab_cell(c))
+        assert f"git clone -q --depth 1 {url} " in cell.source and f'"{nb_path.stem}")' in cell.source
+    # the address appears nowhere else in the sources: change it in _config.yml and the cells follow
+    others = [p for p in list((REPO / "tools").glob("*.py")) + list((REPO / "chapters").glob("*.md"))
+              if url in p.read_text()]
+    assert not others, f"the repository address is written outside _config.yml in {others}"
+    # a changed address makes every cell stale, so the check catches an edit of one place only
+    (tmp_path / "_config.yml").write_text("repository:\n  url: https://github.com/someone/else\n")
+    assert check_colab_cells(CHAPTERS[:1], root=tmp_path) == [str(CHAPTERS[0])]
+    (tmp_path / "_config.yml").write_text("repository:\n  url: not a url\n")
+    with pytest.raises(ValueError, match="repository.url"):
+        repository_url(tmp_path)
+
+
+class _Events:
+    def __init__(self):
+        self.hooks = []
+
+    def register(self, name, fn):
+        self.hooks.append(fn)
+
+    def unregister(self, name, fn):
+        self.hooks.remove(fn)
+
+
+def _run(ip, source, **assign):
+    from types import SimpleNamespace
+    ip.user_ns.update(assign)
+    for fn in list(ip.events.hooks):
+        fn(SimpleNamespace(info=SimpleNamespace(raw_cell=source)))
+
+
+def test_colab_runs_the_chapter_at_its_published_profile(tmp_path, capsys):
+    from types import SimpleNamespace
+    (tmp_path / "profiles.yml").write_text("default: smoke\nchapters: {21_mnist: quick}\n")
+    assert published_profile(tmp_path, "21_mnist") == "quick" and published_profile(tmp_path, "a3_training") == "smoke"
+    # the parameters cell runs with its committed "smoke": the published profile replaces it, once
+    ip = SimpleNamespace(events=_Events(), user_ns={})
+    assert follow_published_profile(ip, tmp_path, "21_mnist") == "quick"
+    _run(ip, "#| hide\nimport sys")  # cells before the parameters cell change nothing
+    assert "profile" not in ip.user_ns and len(ip.events.hooks) == 1
+    _run(ip, 'profile = "smoke"  # smoke | quick | paper\nseed = 0', profile="smoke")
+    assert ip.user_ns["profile"] == "quick" and not ip.events.hooks and "publishes this chapter" in capsys.readouterr().out
+    _run(ip, 'profile = "smoke"', profile="smoke")  # re-running the parameters cell: what it says wins
+    assert ip.user_ns["profile"] == "smoke"
+    # a reader who edited the parameters cell keeps their choice
+    ip = SimpleNamespace(events=_Events(), user_ns={})
+    follow_published_profile(ip, tmp_path, "21_mnist")
+    _run(ip, 'profile = "paper"', profile="paper")
+    assert ip.user_ns["profile"] == "paper"
+    # a chapter published at smoke installs no hook at all
+    ip = SimpleNamespace(events=_Events(), user_ns={})
+    follow_published_profile(ip, tmp_path, "a3_training")
+    assert not ip.events.hooks
+    # the repository's own profiles.yml is what the cell reads on Colab
+    assert published_profile(REPO, "21_mnist") in ("smoke", "quick", "paper")
+
+
 def test_every_toc_entry_exists():
     missing = [e for e in _toc_entries() if not any((REPO / (e + ext)).exists() for ext in ("", ".ipynb", ".md"))]
     assert not missing, f"_toc.yml names missing files: {missing}"
@@ -85,7 +153,7 @@ def test_postprocess_maps_directives_to_tags():
     keep = nbformat.v4.new_output("display_data", data={"text/markdown": "**bold**", "text/plain": "b"})
     nb = nbformat.v4.new_notebook(cells=[
         _cell("#| default_exp losses"),
-        _cell(SOURCE, tags=list(TAGS)),
+        _cell(colab_source("https://github.com/o/r", "x"), tags=list(TAGS)),
         _cell("#| hide\nx = 1"),
         _cell("#|echo: false\nplot()"),
         _cell("#| export\ndef f(): pass"),
