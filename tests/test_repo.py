@@ -130,6 +130,51 @@ def test_colab_runs_the_chapter_at_its_published_profile(tmp_path, capsys):
     assert published_profile(REPO, "21_mnist") in ("smoke", "quick", "paper")
 
 
+def _coverage_rows():
+    text = (REPO / "chapters" / "00_preface.md").read_text()
+    head = "| paper | what it shows | chapter | published at | status |"
+    assert head in text, "the preface lost its coverage table"
+    lines = text[text.index(head):].splitlines()[2:]
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def test_preface_coverage_table_matches_profiles_and_store():
+    """The preface's coverage table names every figure and table of the paper, every chapter of the toc, and
+    the profile profiles.yml publishes each chapter at; its claim about GPU runs matches the store."""
+    import json
+    import re
+    from build_book import chapter_profiles
+    rows = _coverage_rows()
+    papers = " ".join(r[0] for r in rows)
+    for n in range(1, 15):
+        assert re.search(rf"Fig\. {n}[a-c]?\b", papers), f"coverage table lacks Fig. {n}"
+    for n in (1, 2):
+        assert f"Table {n}" in papers, f"coverage table lacks Table {n}"
+    published = chapter_profiles(REPO, None)
+    stems = {Path(e).stem for e in _toc_entries() if not e.endswith("00_preface")}
+    seen = set()
+    for paper, _, chapter, at, status in rows:
+        named = set(re.findall(r"`(\w+)`", chapter)) & stems
+        if chapter.startswith("–"):  # built in a chapter, but the figure itself is not reproduced yet
+            assert at == "–" and status.startswith(("owed", "not planned")), paper
+            continue
+        assert named, f"{paper}: no chapter named in {chapter!r}"
+        for stem in named:
+            assert published(stem) == at, f"{paper}: the preface says {stem} is published at {at}, profiles.yml says {published(stem)}"
+            assert status.startswith(at), f"{paper}: status {status!r} does not start with the published profile {at}"
+        seen |= named
+    assert stems <= seen | {"a4_figures"}, f"chapters missing from the coverage table: {sorted(stems - seen - {'a4_figures'})}"
+    devices = [json.loads(p.read_text()).get("meta", {}).get("device", "") for p in (REPO / "results").rglob("*.json")]
+    text = (REPO / "chapters" / "00_preface.md").read_text()
+    if "no GPU run is in this edition" in text:
+        assert not any(d.startswith("cuda") for d in devices), "the store has GPU records: update the preface"
+
+
 def test_every_toc_entry_exists():
     missing = [e for e in _toc_entries() if not any((REPO / (e + ext)).exists() for ext in ("", ".ipynb", ".md"))]
     assert not missing, f"_toc.yml names missing files: {missing}"
