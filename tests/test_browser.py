@@ -87,3 +87,39 @@ def test_every_chapter_page_shows_its_figures(browser, served_book, built_book):
         broken = [i["src"] for i in images if not (i["complete"] and i["w"] > 0)]
         assert not broken, f"{rel}: images not decoded: {broken}"
         page.close()
+
+
+# Markup that should never reach a reader: a `$` that MathJax did not typeset, an escaped underscore, a pipe
+# table printed as text. Code (pre, code) and typeset math are hidden before the page's text is read.
+RAW_MARKUP = {"raw $ (math not typeset)": r"\$", "raw \\_ (escaped markup)": r"\\_",
+              "raw pipe table (|---|)": r"\|\s*:?-{3,}:?\s*\|"}
+HIDE_CODE_AND_MATH = r"""() => {
+    const style = document.createElement('style');
+    style.textContent = 'pre, code, .highlight, mjx-container, .MathJax, script, style, .cell_input ' +
+                        '{ display: none !important; }';
+    document.head.appendChild(style);
+    const main = document.querySelector('main') || document.body;
+    // text inside typeset math (\text{...} becomes mtext): markup escaped there shows as typed, e.g. sigma\_frac
+    const mtext = Array.from(main.querySelectorAll('mjx-container mtext')).map(e => e.textContent).join('\n');
+    return main.innerText + '\n' + mtext;
+}"""
+
+
+def test_no_raw_markup_in_any_page_text(browser, served_book, built_book):
+    """No page shows raw LaTeX dollars, `\\_`, or a `|---|` pipe table in its visible text (outside code)."""
+    import re
+    pages = sorted(p.relative_to(built_book.html).as_posix() for p in (built_book.html / "chapters").glob("*.html"))
+    assert pages, "no chapter pages were built"
+    found = []
+    for rel in pages:
+        page = browser.new_page()
+        page.goto(f"{served_book}/{rel}", wait_until="networkidle")
+        # wait until MathJax has typeset the page (it replaces $...$ with mjx-container elements)
+        page.evaluate("() => window.MathJax && MathJax.startup && MathJax.startup.promise ? "
+                      "MathJax.startup.promise.then(() => true) : true")
+        text = page.evaluate(HIDE_CODE_AND_MATH)
+        for what, pattern in RAW_MARKUP.items():
+            for m in re.finditer(pattern, text):
+                found.append(f"{rel}: {what}: …{text[max(0, m.start() - 60):m.end() + 60]!r}…")
+        page.close()
+    assert not found, "raw markup in rendered pages:\n" + "\n".join(found[:30])
