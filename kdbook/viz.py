@@ -168,26 +168,26 @@ def discrepancy_rows_html(rows,  # list of dicts, see `discrepancy_table`
     head = ["quantity", reference, "ours (mean ± std, n)", "difference", "verdict", "reason"]
     out += ["<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead>", "<tbody>"]
     for row in rows:
-        unit = row.get("unit", "")
+        unit, digits = row.get("unit", ""), row.get("digits", 3)
         mean, std, n = _ours(row)
-        ours = _fmt(mean, unit)
+        ours = _fmt(mean, unit, digits)
         if std is not None and n != 1:
-            ours += f" ± {_fmt(float(std), unit)}"
+            ours += f" ± {_fmt(float(std), unit, digits)}"
         if n is not None:
             ours += f" (n = {n})"
         paper = _paper_number(row["paper"])
-        diff = "–" if paper is None or mean is None else _fmt(mean - paper, unit)
+        diff = "–" if paper is None or mean is None else _fmt(mean - paper, unit, digits)
         if diff != "–" and mean - paper > 0:
             diff = "+" + diff
         if unit == "%" and diff != "–":
             diff = diff.replace("%", " pp")
-        cells = [row["quantity"], _fmt(row["paper"], unit), ours, diff, row.get("verdict", ""), row.get("reason", "")]
+        cells = [row["quantity"], _fmt(row["paper"], unit, digits), ours, diff, row.get("verdict", ""), row.get("reason", "")]
         out.append("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
     out += ["</tbody>", "</table>"]
     return "\n".join(out)
 
 
-def discrepancy_table(rows,  # list of dicts: quantity, paper, ours_mean, ours_std, n (or values), unit, verdict, reason
+def discrepancy_table(rows,  # list of dicts: quantity, paper, ours_mean, ours_std, n (or values), unit, digits, verdict, reason
                       reference: str = "paper",  # header of the reference column when the reference is not the paper
                       profile: str | None = None,  # the chapter's profile; "smoke" collapses the table to one line
                       device: str | None = None,  # where the numbers were computed, e.g. a record's meta["device"]
