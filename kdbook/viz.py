@@ -212,7 +212,7 @@ def provenance(profile: str,  # the profile the figure's numbers were computed a
 def plot_curve_with_band(ax,  # matplotlib Axes to draw on
                          x,  # x values
                          mean,  # mean over trials at each x
-                         std=None,  # std over trials at each x (no band if None)
+                         std=None,  # sample std (ddof = 1) over trials at each x (no band if None)
                          label: str = "ours",  # legend label of our curve
                          paper_x=None,  # x values of the paper's points (None: none)
                          paper_y=None,  # the paper's values at paper_x
