@@ -56,20 +56,23 @@ class PackedLinear(nn.Module):
         l = linears[0]
         self.k, self.in_features, self.out_features = len(linears), l.in_features, l.out_features
         self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in linears]), requires_grad=l.weight.requires_grad)
+        # the bias stays 1-d (k*O), like every bias and norm weight, for rules such as "no weight decay on 1-d parameters"
         self.bias = None if l.bias is None else nn.Parameter(
-            torch.stack([m.bias.detach() for m in linears]), requires_grad=l.bias.requires_grad)
+            torch.cat([m.bias.detach() for m in linears]), requires_grad=l.bias.requires_grad)
 
     def forward(self, x):
         lead = x.shape[:-1]
         x = x.reshape(-1, self.k, self.in_features).transpose(0, 1)  # (k, N, I)
+        w = self.weight.transpose(1, 2)  # (k, I, O)
         if self.bias is None:
-            y = torch.bmm(x, self.weight.transpose(1, 2))
+            y = torch.bmm(x, w)
         else:
-            y = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))  # (k, N, O)
+            y = torch.baddbmm(self.bias.view(self.k, 1, self.out_features), x, w)  # (k, N, O)
         return y.transpose(0, 1).reshape(*lead, self.k * self.out_features)
 
     def member_state(self, i: int) -> dict:
-        return {"weight": self.weight[i]} | ({} if self.bias is None else {"bias": self.bias[i]})
+        n = self.out_features
+        return {"weight": self.weight[i]} | ({} if self.bias is None else {"bias": self.bias[i * n:(i + 1) * n]})
 
     def extra_repr(self):
         return f"k={self.k}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

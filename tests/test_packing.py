@@ -248,3 +248,40 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="copy_to needs a list of 3"):
         packed.copy_to([resnet20(10, width=4)])
     assert can_pack([resnet20(10, width=4)] * 2) is None
+
+
+def test_mlp_with_batchnorm1d_and_linear_first():
+    """A network whose first weight layer is a Linear (inputs replicated for shared_input) with BatchNorm1d."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+              for _ in range(3)]
+    for shared in (False, True):
+        packed = pack(models, shared_input=shared).train()
+        x = torch.randn(5, 3, 2, 2) if shared else torch.randn(3, 5, 3, 2, 2)
+        _close(packed(x), torch.stack([m.train()(x if shared else x[i]) for i, m in enumerate(models)]))
+        _assert_states_close(packed.state_dicts(), models)
+
+
+def test_parameters_keep_their_names_and_bias_stays_1d():
+    """Optimizer rules by name or by ndim (e.g. no weight decay on biases and norm weights) still apply."""
+    models, _ = _members("resnet20", 3)
+    packed = pack(models)
+    names = [n.removeprefix("net.") for n, _ in packed.named_parameters()]
+    assert names == [n for n, _ in models[0].named_parameters()]
+    ndims = {n.removeprefix("net."): p.ndim for n, p in packed.named_parameters()}
+    assert ndims == {n: p.ndim for n, p in models[0].named_parameters()} | {"fc.weight": 3}
+
+
+def test_batchnorm_counters_per_member_and_momentum_none():
+    models, shape = _members("resnet20", 2)
+    models[1].train()(torch.randn(2, *shape))  # member 1 has seen one batch more
+    packed = pack(models)
+    assert [s["bn.num_batches_tracked"].item() for s in packed.state_dicts()] == [0, 1]
+    packed.train()(torch.randn(2, 2, *shape))
+    assert [s["bn.num_batches_tracked"].item() for s in packed.state_dicts()] == [1, 2]
+    for m in models:
+        for b in m.modules():
+            if isinstance(b, nn.BatchNorm2d):
+                b.momentum = None  # cumulative average: the shared counter would be wrong for one member
+    with pytest.raises(ValueError, match="momentum=None"):
+        pack(models)
