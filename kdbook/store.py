@@ -487,6 +487,7 @@ def run_model(self: Store, name: str,  # the experiment's name
         return record, self.load_weights(name, key, build(), weights["sha256"])
     except WeightsError as err:
         warnings.warn(f"store: {err}; retraining {name} {key} (records computed from it will be recomputed)")
+        self._count(name, "reused", -1)
         record = self.run(name, params, fn, seed, force=True, depends=depends)
         return record, self.load_weights(name, key, trained["model"], record["result"]["weights"]["sha256"])
 
@@ -510,13 +511,14 @@ def chapter_plan(root,  # the book's repository (holds profiles.yml)
 def html_table(header: list,  # column names
                rows: list,  # one list of cells per row (str, int, float or None)
                caption: str | None = None,  # shown above the table
+               digits: int = 3,  # decimals of floats
                ):
     "An HTML table (IPython.display.HTML): renders as a table in Jupyter and in the book, whatever its markdown flavour."
     from html import escape
     from IPython.display import HTML
 
     def cell(v):
-        return "—" if v is None else f"{v:.2f}" if isinstance(v, float) else escape(str(v))
+        return "—" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else escape(str(v))
 
     head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
