@@ -228,10 +228,18 @@ def _chapter_of(path: str, plan: dict) -> str | None:
     return next((s for s, spec in plan["chapters"].items() if name in spec["stores"]), None)
 
 
+def _finished(root: Path, rel: str) -> bool:
+    "A partial checkpoint <name>-<key>.pt whose run has its record now: nothing to resume, not exported."
+    if not rel.startswith("data/checkpoints/partial/"):
+        return False
+    name, _, key = Path(rel).stem.rpartition("-")
+    return bool(name) and (root / "results" / name / f"{key}.json").exists()
+
+
 def export(root: Path, out: Path, before: dict, manifest: dict, log_path: Path) -> list[Path]:
     "Write the new or changed files (tar.gz in parts), manifest.json and papermill.log into `out`."
     after = snapshot(root)
-    changed = {p: h for p, h in after.items() if before.get(p) != h}
+    changed = {p: h for p, h in after.items() if before.get(p) != h and not _finished(root, p)}
     # files the slice rewrote (a stale or corrupt record recomputed): import may replace exactly that version
     manifest = dict(manifest, files=changed, replaced={p: before[p] for p in changed if p in before})
     buf = io.BytesIO()
@@ -401,10 +409,13 @@ def _verify(staging: Path, root: Path, manifest: dict, store) -> tuple[list, lis
     write, kept = [], []
     for rel in sorted(files):
         dest = root / rel
-        if dest.exists() and not rel.startswith("data/checkpoints/partial/"):
+        if dest.exists():
             mine = sha256_file(dest)
             if mine == files[rel]:
                 kept.append(rel)
+                continue
+            if rel.startswith("data/checkpoints/partial/"):  # a later checkpoint of an unfinished run
+                write.append(rel)
                 continue
             if manifest.get("replaced", {}).get(rel) == mine:
                 print(f"import: {rel}: replaced by the version the slice recomputed from this very file "
