@@ -19,7 +19,7 @@ from pathlib import Path
 
 RECORD_FIELDS = ("name", "key", "params", "seed", "result", "meta", "checksum")
 META_FIELDS = ("git_rev", "dirty", "versions", "device", "wall_time_s", "created")
-RESERVED_NAMES = ("weights", "partial")  # folders of the store that are not experiments
+RESERVED_NAMES = ("weights", "partial", "benchmarks")  # folders of the store that are not experiments
 MAX_NAME_LEN = 100  # keeps <root>/<name>/<key>.json and <name>-<key>.pt far below the 255-byte file-name limit
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 FILE_MODE = 0o644  # records and weights: readable by everyone, writable by the owner (mkstemp makes 0600)

@@ -297,3 +297,13 @@ def test_resume_path(tmp_path):
     assert p == tmp_path / "data" / "checkpoints" / "partial" / f"exp-{run_key('exp', {'lr': 0.1}, 3)}.pt"
     with pytest.raises(ValueError, match="store name"):
         store.resume_path("..", {}, 0)
+
+
+def test_legacy_record_older_than_its_dependency_is_stale(tmp_path):
+    store, fn = Store(tmp_path, verbose=False), Counter()
+    old_student = store.run("student", {"e": 1}, fn, seed=0)  # written before dependencies were recorded
+    teacher = store.run("teacher", {"e": 1}, Counter({"acc": 0.9}), seed=0)  # the teacher was (re)trained later
+    with pytest.warns(UserWarning, match="stale: it has no recorded dependencies and teacher/"):
+        new = store.run("student", {"e": 1}, fn, seed=0, depends=[teacher])
+    assert fn.calls == 2 and new["meta"]["depends"] and new["checksum"] != old_student["checksum"]
+    assert "1 stale" in store.summary("student")
