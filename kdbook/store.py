@@ -124,7 +124,9 @@ __all__ = ['RECORD_FIELDS', 'META_FIELDS', 'RESERVED_NAMES', 'MAX_NAME_LEN', 'FI
            'ledger']
 
 # %% ../chapters/a3b_store.ipynb #8658dca3
-def git_revision(path) -> tuple[str, bool | None]:
+def git_revision(path,  # a folder inside the repository
+                 ignore_inside: bool = False,  # changes under `path` itself (the results store) do not make it dirty
+                 ) -> tuple[str, bool | None]:
     "(commit hash, dirty?) of the git repository containing `path`; ('unknown', None) outside git."
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
@@ -132,7 +134,14 @@ def git_revision(path) -> tuple[str, bool | None]:
             return "unknown", None
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
                                 capture_output=True, text=True, timeout=30)
-        return rev.stdout.strip(), (bool(status.stdout.strip()) if status.returncode == 0 else None)
+        if status.returncode != 0:
+            return rev.stdout.strip(), None
+        changed = [line[3:] for line in status.stdout.splitlines() if line.strip()]
+        if ignore_inside:
+            prefix = subprocess.run(["git", "rev-parse", "--show-prefix"], cwd=path, capture_output=True, text=True,
+                                    timeout=10).stdout.strip()
+            changed = [p for p in changed if not (prefix and p.startswith(prefix))]
+        return rev.stdout.strip(), bool(changed)
     except (OSError, subprocess.SubprocessError):
         return "unknown", None
 
@@ -310,7 +319,7 @@ class Store:
         if not isinstance(result, dict):
             raise ValueError(f"fn() must return a dict of results, got {type(result).__name__}")
         result = _check_json("result", result)
-        rev, dirty = git_revision(self.root if self.root.exists() else Path.cwd())
+        rev, dirty = git_revision(self.root, ignore_inside=True) if self.root.exists() else git_revision(Path.cwd())
         meta = {"git_rev": rev, "dirty": dirty, "versions": package_versions(), "device": device_name(),
                 "threads": thread_count(), "wall_time_s": wall, "created": datetime.now(timezone.utc).isoformat()}
         if depends:
