@@ -9,7 +9,7 @@ asked for is not; or the chapters named): the job is `tools/owed.py execute CHAP
 same papermill execution as `make gpu` without a deadline. All jobs write the same results store;
 records are written atomically, so jobs that finish together cannot corrupt it. Reused runs cost
 nothing, so a sweep that is stopped and submitted again resumes. `local` runs the jobs on this machine
-(submitit's LocalExecutor, one after the other); `slurm` needs a SLURM cluster (`sinfo` on the PATH).
+(submitit's LocalExecutor; one job at a time, so that chapters do not share one GPU); `slurm` needs a SLURM cluster (`sinfo` on the PATH).
 """
 from __future__ import annotations
 
@@ -51,20 +51,27 @@ def sweep(root: Path, kind: str, profile: str | None, chapters: list | None, fol
     import submitit
     todo = select(root, chapters, profile)
     ex = executor_for(kind, folder, timeout_min, partition, gpus)
-    jobs = []
-    for stem, prof in todo:
-        cmd = [sys.executable, str(Path(__file__).resolve().parent / "owed.py"), "execute", stem, "--profile", prof,
-               "--root", str(root)]
-        jobs.append((stem, prof, ex.submit(submitit.helpers.CommandFunction(cmd, cwd=str(root)))))
-        print(f"sweep: submitted {stem} at {prof} as job {jobs[-1][2].job_id}", flush=True)
-    results = []
-    for stem, prof, job in jobs:
+    jobs, results = [], []
+
+    def wait(stem, prof, job):
         try:
             job.result()
             results.append((stem, prof, "done"))
         except Exception as err:  # a failed chapter does not stop the others; its log is in the folder
             results.append((stem, prof, f"failed: {str(err).strip().splitlines()[-1] if str(err).strip() else err!r}"))
         print(f"sweep: {stem} at {prof}: {results[-1][2]}", flush=True)
+
+    for stem, prof in todo:
+        cmd = [sys.executable, str(Path(__file__).resolve().parent / "owed.py"), "execute", stem, "--profile", prof,
+               "--root", str(root)]
+        job = ex.submit(submitit.helpers.CommandFunction(cmd, cwd=str(root)))
+        print(f"sweep: submitted {stem} at {prof} as job {job.job_id}", flush=True)
+        if kind == "local":
+            wait(stem, prof, job)
+        else:
+            jobs.append((stem, prof, job))
+    for stem, prof, job in jobs:
+        wait(stem, prof, job)
     return results
 
 
