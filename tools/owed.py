@@ -284,15 +284,31 @@ def run_slice(root: Path, budget_s: float, out: Path, chapters: list[str] | None
     entries = []
     print(f"owed: {len(todo)} chapter(s) to run within {budget_s / 60:.1f} min: "
           + (", ".join(f"{s} at {p}" for s, p in todo) or "nothing is owed"), flush=True)
-    with open(log_path, "w") as log:
-        for stem, prof in todo:
-            left = budget_s - (time.time() - t_start)
-            target = plan["chapters"].get(stem, {}).get("target", plan["default"])
-            entry = {"chapter": stem, "profile": prof, "target": target, "status": "not started", "seconds": 0.0, "rc": None}
-            if left > 1:
-                print(f"owed: {stem} at {prof}: {time.time() - t_start:.0f} s of {budget_s:.0f} s used", flush=True)
-                entry["status"], entry["seconds"], entry["rc"] = execute(root, stem, prof, left, log, kernel, work / "executed")
-            entries.append(entry)
+    current, stop = {"chapter": None}, threading.Event()
+
+    def heartbeat(every_s: float = 60.0):
+        while not stop.wait(every_s):
+            used = time.time() - t_start
+            print(f"owed: {used / 60:.1f} of {budget_s / 60:.1f} min used, deadline in {max(budget_s - used, 0) / 60:.1f} min; "
+                  f"running {current['chapter']} ({len(entries)} of {len(todo)} chapters finished)", flush=True)
+
+    beat = threading.Thread(target=heartbeat, daemon=True)
+    beat.start()
+    try:
+        with open(log_path, "w") as log:
+            for stem, prof in todo:
+                left = budget_s - (time.time() - t_start)
+                target = plan["chapters"].get(stem, {}).get("target", plan["default"])
+                entry = {"chapter": stem, "profile": prof, "target": target, "status": "not started", "seconds": 0.0,
+                         "rc": None}
+                if left > 1:
+                    current["chapter"] = stem
+                    print(f"owed: {stem} at {prof}: {time.time() - t_start:.0f} s of {budget_s:.0f} s used", flush=True)
+                    entry["status"], entry["seconds"], entry["rc"] = execute(root, stem, prof, left, log, kernel,
+                                                                             work / "executed")
+                entries.append(entry)
+    finally:
+        stop.set()
     device = store.device_name()
     try:
         import torch
