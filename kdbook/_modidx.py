@@ -79,6 +79,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'kdbook.gan.GeneratorBlock.__init__': ('gan.html#generatorblock.__init__', 'kdbook/gan.py'),
                             'kdbook.gan.GeneratorBlock.forward': ('gan.html#generatorblock.forward', 'kdbook/gan.py'),
                             'kdbook.gan.SyntheticSetError': ('gan.html#syntheticseterror', 'kdbook/gan.py'),
+                            'kdbook.gan._autocast': ('gan.html#_autocast', 'kdbook/gan.py'),
                             'kdbook.gan._init': ('gan.html#_init', 'kdbook/gan.py'),
                             'kdbook.gan.build_discriminator': ('gan.html#build_discriminator', 'kdbook/gan.py'),
                             'kdbook.gan.build_generator': ('gan.html#build_generator', 'kdbook/gan.py'),

@@ -135,6 +135,8 @@ class GANConfig:
     g_channels: int = 256  # generator width (Miyato et al.: 256)
     d_channels: int = 128  # discriminator width (Miyato et al.: 128)
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda"
+    amp: bool = False  # bf16 autocast of both networks' forward passes; only ever used on CUDA (paper: float32)
+    channels_last: bool = False  # NHWC memory format; only ever used on CUDA
     log_every: int = 100  # record the losses every this many generator steps (and at the last)
     checkpoint_every: int = 1000  # save the resumable state every this many generator steps (0: only when stopping)
 
@@ -154,7 +156,8 @@ class GANConfig:
 
     def training_settings(self) -> dict:
         "The settings a resumed run must share with the checkpoint (not where or how often it logs)."
-        return {k: v for k, v in self.to_dict().items() if k not in ("device", "log_every", "checkpoint_every")}
+        return {k: v for k, v in self.to_dict().items()
+                if k not in ("device", "log_every", "checkpoint_every", "channels_last")}
 
 
 def build_generator(cfg: GANConfig,  # widths and latent size
@@ -214,22 +217,34 @@ def real_batch(images: torch.Tensor,  # uint8 training images (N, 3, H, W), on t
     return to_float(images[idx])
 
 
-def discriminator_step(G, D, opt_d, real: torch.Tensor, z: torch.Tensor) -> float:
+def _autocast(x: torch.Tensor, amp: bool):
+    return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+def discriminator_step(G, D, opt_d, real: torch.Tensor, z: torch.Tensor,
+                       amp: bool = False,  # bf16 autocast of the forward passes (the loss in float32)
+                       ) -> torch.Tensor:
     "One discriminator update on a real batch and G(z) (no gradient through G); returns the hinge loss before it."
-    with torch.no_grad():
-        fake = G(z)
-    loss = d_hinge_loss(D(real), D(fake))
+    with _autocast(real, amp):
+        with torch.no_grad():
+            fake = G(z)
+        real_logits, fake_logits = D(real), D(fake)
+    loss = d_hinge_loss(real_logits.float(), fake_logits.float())
     opt_d.zero_grad(set_to_none=True)
     loss.backward()
     opt_d.step()
     return loss.detach()
 
 
-def generator_step(G, D, opt_g, z: torch.Tensor) -> float:
+def generator_step(G, D, opt_g, z: torch.Tensor,
+                   amp: bool = False,  # bf16 autocast of the forward passes (the loss in float32)
+                   ) -> torch.Tensor:
     "One generator update through D (D's weights are not updated); returns the hinge loss before it."
     D.requires_grad_(False)
     try:
-        loss = g_hinge_loss(D(G(z)))
+        with _autocast(z, amp):
+            fake_logits = D(G(z))
+        loss = g_hinge_loss(fake_logits.float())
         opt_g.zero_grad(set_to_none=True)
         loss.backward()
         opt_g.step()
@@ -295,6 +310,9 @@ def train_gan(G: Generator,  # the generator (trained in place)
     from kdbook.train import resolve_device
     device = resolve_device(cfg.device)
     G, D, images = G.to(device).train(), D.to(device).train(), images.to(device)
+    amp = cfg.amp and device.type == "cuda"
+    if cfg.channels_last and device.type == "cuda":
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     opt_g = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     data_gen, z_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1_000_003)
@@ -316,8 +334,8 @@ def train_gan(G: Generator,  # the generator (trained in place)
                 group["lr"] = lr
         for _ in range(cfg.n_dis):
             d_loss = discriminator_step(G, D, opt_d, real_batch(images, cfg.batch_size, data_gen),
-                                        sample_latents(cfg.batch_size, cfg.z_dim, z_gen, device))
-        g_loss = generator_step(G, D, opt_g, sample_latents(cfg.batch_size, cfg.z_dim, z_gen, device))
+                                        sample_latents(cfg.batch_size, cfg.z_dim, z_gen, device), amp)
+        g_loss = generator_step(G, D, opt_g, sample_latents(cfg.batch_size, cfg.z_dim, z_gen, device), amp)
         step += 1
         if step % cfg.log_every == 0 or step == cfg.g_steps:
             for k, v in (("step", step), ("d_loss", float(d_loss)), ("g_loss", float(g_loss)), ("lr", lr),
