@@ -6,7 +6,8 @@ starting it at the teacher's *initial* weights does not (Table 1)."""
 
 # %% auto #0
 __all__ = ['interpolate_state', 'FlatSpec', 'flatten_state', 'unflatten_state', 'PlaneBasis', 'plane_basis', 'plane_grid',
-           'functional_model', 'loss_on_plane', 'plot_loss_plane']
+           'functional_model', 'loss_on_plane', 'plot_loss_plane', 'augmented_agreement', 'rbf_gram_median_sq',
+           'cka_rbf_median_sq']
 
 # %% ../chapters/42_optimization.ipynb #e55a4f29
 import math
@@ -209,3 +210,80 @@ def plot_loss_plane(ax,  # matplotlib Axes
     ax.set_aspect("equal")
     ax.set_title(title)
     return cs
+
+# %% ../chapters/42_optimization.ipynb #f5ce96d8
+from .augment import augment
+from .data import ImageSet, to_float
+
+
+@torch.no_grad()
+def augmented_agreement(student: nn.Module,  # the distilled network
+                        teacher: nn.Module,  # the network it imitates
+                        data: ImageSet,  # the distillation images (uint8)
+                        policy: str = "baseline",  # augmentation policy of the distillation (kdbook.augment.POLICIES)
+                        seed: int = 0,  # seed of the batch order and of the augmentation: same seed, same batches
+                        tau: float = 4.0,  # temperature of the loss τ²·CE
+                        batch_size: int = 128,  # images per batch (the distillation batch)
+                        device=None,  # where to compute; default: the student's device
+                       ) -> dict:  # agreement (fraction), kd_loss and kd_loss_min (τ²·CE and τ²·H of the teacher), n
+    "Train agreement (§6.1, Eq. 2) and the distillation loss τ²·CE (Fig. 6b) over one pass of seeded augmented batches."
+    if not isinstance(data, ImageSet) or len(data) == 0:
+        raise ValueError("data must be a non-empty kdbook.data.ImageSet of the distillation images")
+    if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if policy in ("ood", "synthetic"):
+        raise ValueError(f"policy {policy!r} adds images to the batch; measure agreement with a policy that keeps them")
+    device = torch.device(device) if device is not None else next(student.parameters()).device
+    modes = student.training, teacher.training
+    student.eval(); teacher.eval()
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    agree, loss, floor = 0, 0.0, 0.0
+    try:
+        for start in range(0, len(data), batch_size):
+            idx = order[start:start + batch_size]
+            x = augment(to_float(data.images[idx].to(device)), policy, gen)
+            if x.shape[0] != len(idx):
+                raise ValueError(f"policy {policy!r} adds images to the batch; measure agreement with a policy that keeps them")
+            z_t, z_s = teacher(x).double(), student(x).double()
+            agree += int((z_t.argmax(1) == z_s.argmax(1)).sum())
+            loss += float(kd_loss(z_s, z_t, tau=tau, alpha=0.0)) * len(idx)
+            floor += float(kd_loss(z_t, z_t, tau=tau, alpha=0.0)) * len(idx)
+    finally:
+        student.train(modes[0]); teacher.train(modes[1])
+    n = len(data)
+    return dict(agreement=agree / n, kd_loss=loss / n, kd_loss_min=floor / n, n=n)
+
+
+# %% ../chapters/42_optimization.ipynb #a06f6c89
+def _median(values: torch.Tensor) -> torch.Tensor:
+    "numpy's median (the mean of the two middle values for an even count); torch.median takes the lower one."
+    v = values.flatten().sort().values
+    return (v[(v.numel() - 1) // 2] + v[v.numel() // 2]) / 2
+
+
+def rbf_gram_median_sq(x: torch.Tensor,  # (n, d) one row per example
+                      ) -> torch.Tensor:  # (n, n) exp(−d²/2σ²) with σ² = median of the non-zero squared distances
+    "RBF Gram matrix with the bandwidth convention of the authors' CKA code: σ² = median of the non-zero d²."
+    sq = (x * x).sum(1)
+    d2 = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min(0)
+    d2.fill_diagonal_(0)
+    nonzero = d2[d2 > 0]
+    if nonzero.numel() == 0:
+        raise ValueError("CKA is undefined: all examples have identical activations (no non-zero distance)")
+    return torch.exp(-d2 / (2 * _median(nonzero)))
+
+
+def cka_rbf_median_sq(x: torch.Tensor,  # (n, ...) activations of n examples in the first network
+                      y: torch.Tensor,  # (n, ...) activations of the same n examples in the second network
+                     ) -> float:
+    "RBF-kernel CKA with the authors' bandwidth (σ² = median non-zero d²), Gram matrices over examples (Table 1, fixed)."
+    for name, a in (("x", x), ("y", y)):
+        if not isinstance(a, torch.Tensor) or a.ndim < 2 or a.shape[0] < 2:
+            raise ValueError(f"{name} must be a tensor of activations (n_examples >= 2, ...), got {getattr(a, 'shape', type(a).__name__)}")
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"x has {x.shape[0]} examples and y has {y.shape[0]}: pass the same inputs through both networks")
+    k, l = (rbf_gram_median_sq(a.reshape(a.shape[0], -1).double()) for a in (x, y.to(x.device)))
+    h = torch.eye(len(k), dtype=k.dtype, device=k.device) - 1.0 / len(k)
+    kc, lc = h @ k @ h, h @ l @ h
+    return float((kc * lc).sum() / torch.sqrt((kc * kc).sum() * (lc * lc).sum()))
+
