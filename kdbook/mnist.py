@@ -171,14 +171,20 @@ def label_gradient_share(student_logits: torch.Tensor,  # (n, C) z_s
 
 # %% ../chapters/21_mnist.ipynb #061d0b28
 def _mean_std(rows) -> tuple:
+    "Mean and sample std (ddof = 1) over the rows that are not NaN (stalled runs are passed as NaN); no band for n < 2."
     a = np.asarray(rows, dtype=float)
-    return a.mean(0), (a.std(0, ddof=1) if a.shape[0] > 1 else np.zeros(a.shape[1:]))
+    n = (~np.isnan(a)).sum(0)
+    total = np.where(np.isnan(a), 0.0, a).sum(0)
+    mean = np.where(n > 0, total / np.maximum(n, 1), np.nan)
+    dev = np.where(np.isnan(a), 0.0, a - mean) ** 2
+    std = np.where(n > 1, np.sqrt(dev.sum(0) / np.maximum(n - 1, 1)), 0.0)
+    return mean, std
 
 
 def plot_figure2(sizes,  # distillation-set sizes (x axis), one per point
                  agreement,  # (trials, points) test agreement of the students, %
                  accuracy,  # (trials, points) test accuracy of the students, %
-                 teacher_accuracy,  # (trials,) test accuracy of the teachers, %
+                 teacher_accuracy,  # (trials,) test accuracy of the teachers, % (NaN: a stalled run, left out)
                  sprime_agreement=None,  # (trials, points) agreement of independent students s' with the teacher, %
                  paper_agreement: float = 99.0,  # the paper's "over 99%" (Fig. 2)
                  paper_teacher=(84.0, 86.0),  # the paper's teacher accuracy range (§4.1)
