@@ -19,7 +19,7 @@ from pathlib import Path
 
 RECORD_FIELDS = ("name", "key", "params", "seed", "result", "meta", "checksum")
 META_FIELDS = ("git_rev", "dirty", "versions", "device", "wall_time_s", "created")
-RESERVED_NAMES = ("weights", "partial")  # folders of the store that are not experiments
+RESERVED_NAMES = ("weights", "partial", "benchmarks")  # folders of the store that are not experiments
 MAX_NAME_LEN = 100  # keeps <root>/<name>/<key>.json and <name>-<key>.pt far below the 255-byte file-name limit
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 FILE_MODE = 0o644  # records and weights: readable by everyone, writable by the owner (mkstemp makes 0600)
@@ -117,13 +117,16 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     return path
 
 # %% auto #0
-__all__ = ['RECORD_FIELDS', 'META_FIELDS', 'RESERVED_NAMES', 'MAX_NAME_LEN', 'FILE_MODE', 'canonical_json', 'check_name',
-           'check_seed', 'run_key', 'record_checksum', 'file_sha256', 'atomic_write_bytes', 'git_revision',
-           'package_versions', 'thread_count', 'device_name', 'Store', 'save_checkpoint', 'load_checkpoint',
-           'WeightsError']
+__all__ = ['RECORD_FIELDS', 'META_FIELDS', 'RESERVED_NAMES', 'MAX_NAME_LEN', 'FILE_MODE', 'LEDGER_HEADER', 'OVERVIEW_HEADER',
+           'canonical_json', 'check_name', 'check_seed', 'run_key', 'record_checksum', 'file_sha256',
+           'atomic_write_bytes', 'git_revision', 'package_versions', 'thread_count', 'device_name', 'Store',
+           'save_checkpoint', 'load_checkpoint', 'WeightsError', 'chapter_plan', 'html_table', 'store_overview',
+           'ledger']
 
 # %% ../chapters/a3b_store.ipynb #8658dca3
-def git_revision(path) -> tuple[str, bool | None]:
+def git_revision(path,  # a folder inside the repository
+                 ignore_inside: bool = False,  # changes under `path` itself (the results store) do not make it dirty
+                 ) -> tuple[str, bool | None]:
     "(commit hash, dirty?) of the git repository containing `path`; ('unknown', None) outside git."
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
@@ -131,7 +134,14 @@ def git_revision(path) -> tuple[str, bool | None]:
             return "unknown", None
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
                                 capture_output=True, text=True, timeout=30)
-        return rev.stdout.strip(), (bool(status.stdout.strip()) if status.returncode == 0 else None)
+        if status.returncode != 0:
+            return rev.stdout.strip(), None
+        changed = [line[3:] for line in status.stdout.splitlines() if line.strip()]
+        if ignore_inside:
+            prefix = subprocess.run(["git", "rev-parse", "--show-prefix"], cwd=path, capture_output=True, text=True,
+                                    timeout=10).stdout.strip()
+            changed = [p for p in changed if not (prefix and p.startswith(prefix))]
+        return rev.stdout.strip(), bool(changed)
     except (OSError, subprocess.SubprocessError):
         return "unknown", None
 
@@ -174,8 +184,10 @@ class Store:
     def __init__(self, root,  # folder of the records (committed), e.g. "../results"
                  checkpoints_dir=None,  # folder of resumable checkpoints (git-ignored); default <root>/../data/checkpoints
                  verbose: bool = True,  # print one line per run (reused or computed); False: see summary()
+                 profile: str | None = None,  # the chapter's profile, noted in each new record's meta (for the ledger)
                  ):
         self.root = Path(root)
+        self.profile = profile
         self.checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir is not None else self.root.parent / "data" / "checkpoints"
         self.verbose = verbose
         self.counts = {}  # name -> {"reused", "computed", "seconds", "legacy", "stale"} of this session
@@ -257,9 +269,16 @@ class Store:
             out[f"{r['name']}/{r['key']}"] = r["checksum"]
         return out
 
-    def _check_depends(self, record: dict, depends: dict, path: Path) -> dict | None:
+    def _check_depends(self, record: dict, depends: dict, path: Path, sources) -> dict | None:
         "The record if its dependencies are the ones given now (flagged when it predates dependencies), else None."
         stored = record["meta"].get("depends")
+        newer = [f"{r['name']}/{r['key']}" for r in sources
+                 if str(r.get("meta", {}).get("created", "")) > str(record["meta"]["created"])]
+        if stored is None and newer:
+            warnings.warn(f"store: {path} is stale: it has no recorded dependencies and {', '.join(newer)} was "
+                          "computed after it; it will be recomputed")
+            self._count(record["name"], "stale")
+            return None
         if stored is None:
             warnings.warn(f"store: {path} has no recorded dependencies (written before they were recorded); "
                           f"used as is, flagged unverified: it may not come from {', '.join(depends)}")
@@ -284,12 +303,12 @@ class Store:
         params = _check_json("params", params)
         key = run_key(name, params, seed)
         seed = check_seed(seed)
-        depends = self.depends_of(depends)
+        sources, depends = list(depends), self.depends_of(depends)
         path = self.root / name / f"{key}.json"
         if not force:
             record = self.load(name, params, seed)
             if record is not None and depends:
-                record = self._check_depends(record, depends, path)
+                record = self._check_depends(record, depends, path, sources)
             if record is not None:
                 self._count(name, "reused")
                 self._say(f"store: reused {name} {key}")
@@ -300,11 +319,13 @@ class Store:
         if not isinstance(result, dict):
             raise ValueError(f"fn() must return a dict of results, got {type(result).__name__}")
         result = _check_json("result", result)
-        rev, dirty = git_revision(self.root if self.root.exists() else Path.cwd())
+        rev, dirty = git_revision(self.root, ignore_inside=True) if self.root.exists() else git_revision(Path.cwd())
         meta = {"git_rev": rev, "dirty": dirty, "versions": package_versions(), "device": device_name(),
                 "threads": thread_count(), "wall_time_s": wall, "created": datetime.now(timezone.utc).isoformat()}
         if depends:
             meta["depends"] = depends
+        if self.profile is not None:
+            meta["profile"] = self.profile
         record = {"name": name, "key": key, "params": params, "seed": seed, "result": result, "meta": meta}
         record["checksum"] = record_checksum(record)
         self._write(path, record)
@@ -403,6 +424,10 @@ def save_weights(self: Store, name: str,  # the experiment's name
     state = model.state_dict() if hasattr(model, "state_dict") else model
     tensors = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().to("cpu")).contiguous()
                for k, v in state.items()}
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(tensors[k]).all():
+            raise ValueError(f"save_weights({name!r}, {key!r}): tensor {k} is not finite in float16 "
+                             f"(largest magnitude {v.detach().abs().max().item():.3g}; float16 holds up to 65504)")
     data = save(tensors)
     atomic_write_bytes(path, data)
     return {"path": path.relative_to(self.root).as_posix(), "sha256": hashlib.sha256(data).hexdigest(),
@@ -475,5 +500,86 @@ def run_model(self: Store, name: str,  # the experiment's name
         return record, self.load_weights(name, key, build(), weights["sha256"])
     except WeightsError as err:
         warnings.warn(f"store: {err}; retraining {name} {key} (records computed from it will be recomputed)")
+        self._count(name, "reused", -1)
         record = self.run(name, params, fn, seed, force=True, depends=depends)
         return record, self.load_weights(name, key, trained["model"], record["result"]["weights"]["sha256"])
+
+# %% ../chapters/a3b_store.ipynb #e4a1d2c3
+def chapter_plan(root,  # the book's repository (holds profiles.yml)
+                 ) -> dict:
+    "profiles.yml: {'default': profile, 'chapters': {stem: {'published', 'target', 'stores'}}} (plain form: both the same)."
+    import yaml
+    path = Path(root) / "profiles.yml"
+    spec = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
+    default = spec.get("default", "smoke")
+    chapters = {}
+    for stem, value in (spec.get("chapters") or {}).items():
+        value = value if isinstance(value, dict) else {"published": value}
+        published = value.get("published", default)
+        chapters[stem] = {"published": published, "target": value.get("target", published),
+                          "stores": list(value.get("stores") or [])}
+    return {"default": default, "chapters": chapters}
+
+
+def html_table(header: list,  # column names
+               rows: list,  # one list of cells per row (str, int, float or None)
+               caption: str | None = None,  # shown above the table
+               digits: int = 3,  # decimals of floats
+               ):
+    "An HTML table (IPython.display.HTML): renders as a table in Jupyter and in the book, whatever its markdown flavour."
+    from html import escape
+    from IPython.display import HTML
+
+    def cell(v):
+        return "—" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else escape(str(v))
+
+    head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    cap = f"<caption>{escape(caption)}</caption>" if caption else ""
+    return HTML(f'<table class="kdbook-table">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
+
+
+def store_overview(records: list) -> list:
+    "Rows (name, profile, device, records, compute minutes, newest record, its revision) of a store's records."
+    groups = {}
+    for r in records:
+        m = r["meta"]
+        groups.setdefault((r["name"], m.get("profile") or "not recorded", m["device"]), []).append(r)
+    rows = []
+    for (name, profile, device), recs in sorted(groups.items()):
+        newest = max(recs, key=lambda r: r["meta"]["created"])
+        rows.append([name, profile, device, len(recs), sum(r["meta"]["wall_time_s"] for r in recs) / 60,
+                     newest["meta"]["created"][:10], newest["meta"]["git_rev"][:8]])
+    return rows
+
+
+def _on_gpu(record) -> bool:
+    return str(record["meta"]["device"]).startswith("cuda")
+
+
+def ledger(records: list,  # valid store records (Store.records())
+           plan: dict,  # chapter_plan(root)
+           ) -> list:
+    "Per chapter with stored runs: runs and GPU-minutes at quick and paper, measured on CUDA; 'owed' where none is."
+    rows = []
+    for stem, spec in plan["chapters"].items():
+        if not spec["stores"]:
+            continue
+        mine = [r for r in records if r["name"] in spec["stores"]]
+        row = [stem, spec["published"], spec["target"]]
+        for profile in ("quick", "paper"):
+            gpu = [r for r in mine if r["meta"].get("profile") == profile and _on_gpu(r)]
+            cpu = [r for r in mine if r["meta"].get("profile") == profile and not _on_gpu(r)]
+            if gpu:
+                row.append(f"{len(gpu)} runs, {sum(r['meta']['wall_time_s'] for r in gpu) / 60:.1f} GPU-min")
+            elif cpu:
+                row.append(f"owed on a GPU ({len(cpu)} runs on CPU, {sum(r['meta']['wall_time_s'] for r in cpu) / 60:.1f} CPU-min)")
+            else:
+                row.append("owed")
+        row.append(sum(1 for r in mine if "profile" not in r["meta"]))
+        rows.append(row)
+    return rows
+
+
+LEDGER_HEADER = ["chapter", "published", "target", "quick", "paper", "records without a recorded profile"]
+OVERVIEW_HEADER = ["experiment", "profile", "device", "records", "compute (min)", "newest", "revision"]

@@ -297,3 +297,22 @@ def test_resume_path(tmp_path):
     assert p == tmp_path / "data" / "checkpoints" / "partial" / f"exp-{run_key('exp', {'lr': 0.1}, 3)}.pt"
     with pytest.raises(ValueError, match="store name"):
         store.resume_path("..", {}, 0)
+
+
+def test_legacy_record_older_than_its_dependency_is_stale(tmp_path):
+    store, fn = Store(tmp_path, verbose=False), Counter()
+    old_student = store.run("student", {"e": 1}, fn, seed=0)  # written before dependencies were recorded
+    teacher = store.run("teacher", {"e": 1}, Counter({"acc": 0.9}), seed=0)  # the teacher was (re)trained later
+    with pytest.warns(UserWarning, match="stale: it has no recorded dependencies and teacher/"):
+        new = store.run("student", {"e": 1}, fn, seed=0, depends=[teacher])
+    assert fn.calls == 2 and new["meta"]["depends"] and new["checksum"] != old_student["checksum"]
+    assert "1 stale" in store.summary("student")
+
+
+def test_weights_outside_float16_range_refused(tmp_path):
+    store, net = Store(tmp_path / "results"), torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.weight[0, 0] = 1e6
+    with pytest.raises(ValueError, match="not finite in float16"):
+        store.save_weights("t", "0123456789abcdef", net)
+    assert not list((tmp_path / "results").rglob("*.safetensors"))
