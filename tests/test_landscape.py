@@ -259,3 +259,30 @@ def test_cka_rbf_median_sq_rejects_bad_input():
         cka_rbf_median_sq(torch.ones(6, 3), torch.randn(6, 3))
     with pytest.raises(ValueError, match="n_examples"):
         cka_rbf_median_sq(torch.randn(1, 3), torch.randn(1, 3))
+
+
+# --- the committed §6.2 records pair with their own weights and teachers ---------------------------------------
+
+def test_committed_s62_records_pair_with_their_weights_and_teachers():
+    from pathlib import Path
+
+    from kdbook.store import Store
+    from kdbook.train import make_model
+    store = Store(Path(__file__).resolve().parents[1] / "results", verbose=False)
+    teachers = {f"s62-teacher/{r['key']}": r for r in store.records("s62-teacher")}
+    if not teachers:
+        pytest.skip("no §6.2 records are committed")
+    by_id = dict(teachers)
+    for r in teachers.values():  # every teacher's weights are stored and match its record
+        store.load_weights("s62-teacher", r["key"], make_model("resnet20", 0, num_classes=100, norm="layer"),
+                           r["result"]["weights"]["sha256"])
+    students = store.records("s62-student")
+    by_id.update({f"s62-student/{r['key']}": r for r in students})
+    for r in [*students, *store.records("s62-plane")]:
+        depends = r["meta"].get("depends")
+        assert depends, f"{r['name']}/{r['key']} names no record it was computed from"
+        for ref, checksum in depends.items():  # ... and each names records that exist, unchanged
+            assert ref in by_id and by_id[ref]["checksum"] == checksum, f"{r['name']}/{r['key']}: {ref} is missing or changed"
+        if "weights" in r["result"]:
+            store.load_weights(r["name"], r["key"], make_model("resnet20", 0, num_classes=100, norm="layer"),
+                               r["result"]["weights"]["sha256"])
