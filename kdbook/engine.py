@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from .augment import POLICIES, augment
@@ -333,31 +332,6 @@ class GraphedStep:
         if y is not None:
             self.static_y.copy_(y)
         self.graph.replay()
-
-class VmapStack(nn.Module):
-    "k models of one architecture without buffers as one: stacked weights, a vmapped functional_call."
-
-    def __init__(self, models, shared_input: bool = False):
-        super().__init__()
-        if any(True for m in models for _ in m.buffers()):
-            raise ValueError("VmapStack cannot hold models with buffers (BatchNorm): pack them with kdbook.packing")
-        names = [n for n, _ in models[0].named_parameters()]
-        self.names, self.shared = names, shared_input
-        self.flat = nn.ParameterList([nn.Parameter(torch.stack([dict(m.named_parameters())[n].detach() for m in models]).clone())
-                                      for n in names])
-        self.base = [copy.deepcopy(models[0]).to("meta")]
-
-    def forward(self, x):
-        params = dict(zip(self.names, self.flat))
-        one = lambda p, inp: functional_call(self.base[0], p, (inp,))
-        return torch.vmap(one, in_dims=(0, None if self.shared else 0))(params, x)
-
-    @torch.no_grad()
-    def copy_to(self, models):
-        for i, m in enumerate(models):
-            for n, p in m.named_parameters():
-                p.copy_(self.flat[self.names.index(n)][i])
-        return models
 
 class Stream:
     "The shuffled, augmented batches of one model: its own order generator (CPU) and augmentation generator."

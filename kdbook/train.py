@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, stack_module_state
 
 from .augment import augment
 from .data import ImageSet, to_float
-from .engine import (OPTIMIZERS, Run, TrainConfig, VmapStack, autocast, batch_starts, cosine_lr, data_fingerprint,
-                     resolve_device, train_loop)
+from .engine import (OPTIMIZERS, Run, TrainConfig, autocast, batch_starts, cosine_lr, data_fingerprint, resolve_device,
+                     train_loop)
 from .losses import check_alpha, check_tau, ensemble_logits, kd_loss
 from .metrics import accuracy, ece, nll, predictive_kl, top1_agreement
+from .packing import can_pack, pack
 
 PROFILES = ("smoke", "quick", "paper")
 _MISSING = object()
@@ -52,57 +52,46 @@ def make_model(name: str,  # a kdbook.models name: "lenet5", "resnet20", "resnet
         torch.manual_seed(seed)
         return get_model(name, **kwargs)
 
-def _same_architecture(models) -> bool:
-    first = models[0]
-    shapes = {k: v.shape for k, v in first.state_dict().items()}
-    return all(type(m) is type(first) and {k: v.shape for k, v in m.state_dict().items()} == shapes
-               for m in models[1:])
-
-
 class Ensemble(nn.Module):
     "Teachers evaluated together in eval mode; calling it returns ensemble logits (paper §3)."
 
     def __init__(self, members,  # an nn.Module or a list of them
-                 vectorize: bool = True,  # on CUDA, vmap over stacked weights when the members share an architecture
+                 vectorize: bool = True,  # on CUDA, run the members as one packed network when they can be packed
                  ):
         super().__init__()
         members = list(members) if isinstance(members, (list, tuple, nn.ModuleList)) else [members]
         if not members:
             raise ValueError("Ensemble needs at least one member")
         self.members = nn.ModuleList(members)
-        self.vectorize = bool(vectorize) and len(members) > 1 and _same_architecture(members)
-        self._stacked = None  # (params, buffers, base) snapshot, taken on first use on a device
+        self.vectorize = bool(vectorize) and len(members) > 1 and can_pack(members) is None
+        self._packed = None  # (Packed, device): a snapshot of the members' weights, taken on first use
 
     def refresh(self):
-        "Forget the stacked snapshot of the weights (call after changing the members)."
-        self._stacked = None
+        "Forget the packed snapshot of the weights (call after changing the members)."
+        self._packed = None
         return self
 
-    def _stack(self, device):
-        if self._stacked is None or self._stacked[3] != device:
-            params, buffers = stack_module_state(list(self.members))
-            base = copy.deepcopy(self.members[0]).to("meta")
-            self._stacked = (params, buffers, base, device)
-        return self._stacked
+    def _pack(self, device):
+        if self._packed is None or self._packed[1] != device:
+            packed = pack(list(self.members), shared_input=True).to(device).eval()
+            for p in packed.parameters():
+                p.requires_grad_(False)
+            self._packed = (packed, device)
+        return self._packed[0]
 
     @torch.no_grad()
     def member_logits(self, x: torch.Tensor,
-                      vectorize: bool | None = None,  # None: vmap on CUDA, a loop on CPU (faster there)
+                      vectorize: bool | None = None,  # None: packed on CUDA, a loop on CPU (faster there)
                       ) -> torch.Tensor:
         "Logits of every member, shape (m, N, C)."
         vec = self.vectorize and (x.device.type == "cuda" if vectorize is None else vectorize)
+        if vec:
+            return self._pack(x.device)(x)
         was_training = [m.training for m in self.members]
         for m in self.members:
             m.eval()
         try:
-            if not vec:
-                return torch.stack([m(x) for m in self.members])
-            params, buffers, base, _ = self._stack(x.device)
-
-            def one(p, b, inp):
-                return functional_call(base, (p, b), (inp,))
-
-            return torch.vmap(one, in_dims=(0, 0, None))(params, buffers, x)
+            return torch.stack([m(x) for m in self.members])
         finally:
             for m, t in zip(self.members, was_training):
                 m.train(t)
@@ -340,12 +329,11 @@ def distill(student: nn.Module,  # the network to train
                 checkpoint=checkpoint, callback=callback, augment_kw=augment_kw)[0]
 
 def _pack(models, shared_input: bool):
-    "k models as one module taking (k, B, ...) (or a shared (B, ...)) and returning (k, B, C)."
-    if len(models) == 0:
-        raise ValueError("need at least one model")
-    if not _same_architecture(models):
-        raise ValueError("the models must share one architecture to be trained together; loop over fit/distill instead")
-    return VmapStack(models, shared_input=shared_input)
+    "k models as one packed network (kdbook.packing) taking (k, B, ...) (or a shared (B, ...)), returning (k, B, C)."
+    reason = can_pack(list(models))
+    if reason is not None:
+        raise ValueError(f"these models cannot be trained together ({reason}); loop over fit/distill instead")
+    return pack(list(models), shared_input=shared_input)
 
 
 def _check_seeds(seeds, k):
