@@ -232,6 +232,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'kdbook.packing._PackedBatchNorm.member_state': ( 'a3d_packing.html#_packedbatchnorm.member_state',
                                                                                   'kdbook/packing.py'),
                                 'kdbook.packing._bn_args': ('a3d_packing.html#_bn_args', 'kdbook/packing.py'),
+                                'kdbook.packing._first_difference': ('a3d_packing.html#_first_difference', 'kdbook/packing.py'),
                                 'kdbook.packing._first_layer': ('a3d_packing.html#_first_layer', 'kdbook/packing.py'),
                                 'kdbook.packing._layer_reason': ('a3d_packing.html#_layer_reason', 'kdbook/packing.py'),
                                 'kdbook.packing._signature': ('a3d_packing.html#_signature', 'kdbook/packing.py'),
