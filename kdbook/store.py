@@ -127,7 +127,12 @@ __all__ = ['RECORD_FIELDS', 'META_FIELDS', 'RESERVED_NAMES', 'MAX_NAME_LEN', 'FI
 def git_revision(path,  # a folder inside the repository
                  ignore_inside: bool = False,  # changes under `path` itself (the results store) do not make it dirty
                  ) -> tuple[str, bool | None]:
-    "(commit hash, dirty?) of the git repository containing `path`; ('unknown', None) outside git."
+    """(commit hash, dirty?) of the git repository containing `path`; ('unknown', None) outside git.
+
+    `KDBOOK_GIT_REV`, when set, wins (dirty: None): on a borrowed machine that receives a copy of the working
+    tree with stale or no git metadata, the person starting the run names the commit that was copied."""
+    if os.environ.get("KDBOOK_GIT_REV"):
+        return os.environ["KDBOOK_GIT_REV"].strip(), None
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
         if rev.returncode != 0:
