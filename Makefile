@@ -23,7 +23,7 @@ TEST_HASH := $(shell cat requirements.txt requirements-test.txt pyproject.toml |
 BOOK_STAMP := $(VENV)/.kdbook-book-$(BOOK_HASH)
 TEST_STAMP := $(VENV)/.kdbook-test-$(TEST_HASH)
 
-.PHONY: book test setup setup-test clean environment nbdev-test-only pytest-only
+.PHONY: book test setup setup-test clean environment nbdev-test-only pytest-only gpu gpu-import sweep
 
 book: $(BOOK_STAMP)
 	$(BIN)/python tools/build_book.py $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
@@ -63,3 +63,26 @@ environment:
 
 clean:
 	rm -rf _build
+
+# Owed GPU work (tools/owed.py, tools/sweep.py). No setup step: a borrowed GPU machine has no .venv,
+# so these use the venv's python when there is one and python3 otherwise.
+#   make gpu BUDGET_MIN=8 [CHAPTERS=a,b] [OUT=dir] [PROFILE=p]   run the owed chapters within the budget,
+#                                                  export new records/weights/checkpoints into OUT (<= 8 files)
+#   make gpu-import ARCHIVE=dir-or-tarball         verify and merge an archive written by make gpu
+#   make sweep PROFILE=paper EXECUTOR=slurm|local  one submitit job per owed chapter, no deadline
+PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+BUDGET_MIN ?= 8
+CHAPTERS ?=
+OUT ?= _build/owed
+ARCHIVE ?=
+EXECUTOR ?= local
+
+gpu:
+	$(PY) tools/owed.py run --budget-min $(BUDGET_MIN) --out $(OUT) $(if $(CHAPTERS),--chapters $(CHAPTERS)) $(if $(PROFILE),--profile $(PROFILE))
+
+gpu-import:
+	@test -n "$(ARCHIVE)" || { echo "error: give ARCHIVE=<the folder written by make gpu OUT=..., or its .tar.gz>" >&2; exit 2; }
+	$(PY) tools/owed.py import $(ARCHIVE)
+
+sweep:
+	$(PY) tools/sweep.py --executor $(EXECUTOR) $(if $(PROFILE),--profile $(PROFILE)) $(if $(CHAPTERS),--chapters $(CHAPTERS))

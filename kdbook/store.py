@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 import platform
 import re
@@ -18,7 +19,10 @@ from pathlib import Path
 
 RECORD_FIELDS = ("name", "key", "params", "seed", "result", "meta", "checksum")
 META_FIELDS = ("git_rev", "dirty", "versions", "device", "wall_time_s", "created")
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+RESERVED_NAMES = ("weights", "partial", "benchmarks")  # folders of the store that are not experiments
+MAX_NAME_LEN = 100  # keeps <root>/<name>/<key>.json and <name>-<key>.pt far below the 255-byte file-name limit
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+FILE_MODE = 0o644  # records and weights: readable by everyone, writable by the owner (mkstemp makes 0600)
 
 
 def canonical_json(obj) -> str:
@@ -26,7 +30,21 @@ def canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+def _check_keys(what: str, obj, where: str = ""):
+    "Refuse dict keys that are not strings: JSON would turn 1 into '1' and two runs would share a key."
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise ValueError(f"{what}{where}: key {k!r} is a {type(k).__name__}; keys must be strings "
+                                 f"(JSON would store {k!r} as {str(k)!r} and confuse it with that string key)")
+            _check_keys(what, v, f"{where}[{k!r}]")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            _check_keys(what, v, f"{where}[{i}]")
+
+
 def _check_json(what: str, obj):
+    _check_keys(what, obj)
     try:
         text = json.dumps(obj, sort_keys=True, allow_nan=(what == "result"))
     except (TypeError, ValueError) as err:
@@ -35,13 +53,30 @@ def _check_json(what: str, obj):
     return json.loads(text)
 
 
+def check_name(name: str) -> str:
+    "A store name (a folder of the store): letters, digits, '_', '.', '-', not starting with '.', not reserved."
+    if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > MAX_NAME_LEN:
+        raise ValueError(f"store name {name!r} must be a non-empty string of at most {MAX_NAME_LEN} letters, digits, "
+                         "'_', '.', '-' that does not start with '.'")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"store name {name!r} is reserved (the store keeps its {name} there); choose another name")
+    return name
+
+
+def check_seed(seed) -> int:
+    "A seed is an integer >= 0 (not a bool, not a float)."
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r} ({type(seed).__name__})")
+    return int(seed)
+
+
 def run_key(name: str,  # the experiment's name, e.g. "a3-teacher"
             params: dict,  # every parameter of the run
             seed: int,  # the run's seed
             ) -> str:
     "The store key: first 16 hex digits of sha256(canonical JSON of name, params and seed)."
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise ValueError(f"store name {name!r} must be a non-empty string of letters, digits, '_', '.', '-'")
+    check_name(name)
+    seed = check_seed(seed)
     if not isinstance(params, dict):
         raise ValueError(f"params must be a dict, got {type(params).__name__}")
     params = _check_json("params", params)
@@ -53,12 +88,45 @@ def record_checksum(record: dict) -> str:
     rest = {k: v for k, v in record.items() if k != "checksum"}
     return hashlib.sha256(canonical_json(rest).encode()).hexdigest()
 
+
+def file_sha256(path) -> str:
+    "sha256 of a file's bytes."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    "Write `data` to `path` through a uniquely named temporary file in the same folder, then rename (mode 0644)."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
 # %% auto #0
-__all__ = ['RECORD_FIELDS', 'META_FIELDS', 'canonical_json', 'run_key', 'record_checksum', 'git_revision', 'package_versions',
-           'device_name', 'Store', 'save_checkpoint', 'load_checkpoint']
+__all__ = ['RECORD_FIELDS', 'META_FIELDS', 'RESERVED_NAMES', 'MAX_NAME_LEN', 'FILE_MODE', 'LEDGER_HEADER', 'OVERVIEW_HEADER',
+           'canonical_json', 'check_name', 'check_seed', 'run_key', 'record_checksum', 'file_sha256',
+           'atomic_write_bytes', 'git_revision', 'package_versions', 'thread_count', 'device_name', 'Store',
+           'save_checkpoint', 'load_checkpoint', 'WeightsError', 'chapter_plan', 'html_table', 'store_overview',
+           'ledger']
 
 # %% ../chapters/a3b_store.ipynb #8658dca3
-def git_revision(path) -> tuple[str, bool | None]:
+def git_revision(path,  # a folder inside the repository
+                 ignore_inside: bool = False,  # changes under `path` itself (the results store) do not make it dirty
+                 ) -> tuple[str, bool | None]:
     "(commit hash, dirty?) of the git repository containing `path`; ('unknown', None) outside git."
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10)
@@ -66,7 +134,14 @@ def git_revision(path) -> tuple[str, bool | None]:
             return "unknown", None
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=path,
                                 capture_output=True, text=True, timeout=30)
-        return rev.stdout.strip(), (bool(status.stdout.strip()) if status.returncode == 0 else None)
+        if status.returncode != 0:
+            return rev.stdout.strip(), None
+        changed = [line[3:] for line in status.stdout.splitlines() if line.strip()]
+        if ignore_inside:
+            prefix = subprocess.run(["git", "rev-parse", "--show-prefix"], cwd=path, capture_output=True, text=True,
+                                    timeout=10).stdout.strip()
+            changed = [p for p in changed if not (prefix and p.startswith(prefix))]
+        return rev.stdout.strip(), bool(changed)
     except (OSError, subprocess.SubprocessError):
         return "unknown", None
 
@@ -83,28 +158,39 @@ def package_versions() -> dict:
     return out
 
 
+def thread_count() -> int:
+    "torch's intra-op CPU thread count (CPU sums are reduced in a thread-dependent order)."
+    try:
+        import torch
+        return torch.get_num_threads()
+    except ImportError:
+        return os.cpu_count() or 1
+
+
 def device_name() -> str:
     "The accelerator a run used: the CUDA device's name, or the CPU with its thread count."
     try:
         import torch
         if torch.cuda.is_available():
             return f"cuda: {torch.cuda.get_device_name(torch.cuda.current_device())}"
-        threads = torch.get_num_threads()
     except ImportError:
-        threads = os.cpu_count()
-    return f"cpu: {platform.machine()} ({threads} threads)"
+        pass
+    return f"cpu: {platform.machine()} ({thread_count()} threads)"
 
 # %% ../chapters/a3b_store.ipynb #73fbf940
 class Store:
-    "Results keyed by (name, params, seed) as JSON records under `root`; checkpoints under `checkpoints_dir`."
+    "Results keyed by (name, params, seed) as JSON records under `root`; weights under `root`/weights."
 
     def __init__(self, root,  # folder of the records (committed), e.g. "../results"
-                 checkpoints_dir=None,  # folder of the safetensors checkpoints (git-ignored); default <root>/../data/checkpoints
-                 verbose: bool = True,  # print one line per run: reused or computed
+                 checkpoints_dir=None,  # folder of resumable checkpoints (git-ignored); default <root>/../data/checkpoints
+                 verbose: bool = True,  # print one line per run (reused or computed); False: see summary()
+                 profile: str | None = None,  # the chapter's profile, noted in each new record's meta (for the ledger)
                  ):
         self.root = Path(root)
+        self.profile = profile
         self.checkpoints_dir = Path(checkpoints_dir) if checkpoints_dir is not None else self.root.parent / "data" / "checkpoints"
         self.verbose = verbose
+        self.counts = {}  # name -> {"reused", "computed", "seconds", "legacy", "stale"} of this session
 
     def key(self, name: str, params: dict, seed: int) -> str:
         "The key of a run (see run_key)."
@@ -118,7 +204,12 @@ class Store:
         if self.verbose:
             print(line, flush=True)
 
-    def _problem(self, record, name, key, params, seed) -> str | None:
+    def _count(self, name: str, what: str, amount: float = 1):
+        c = self.counts.setdefault(name, {"reused": 0, "computed": 0, "seconds": 0.0, "legacy": 0, "stale": 0})
+        c[what] += amount
+
+    @staticmethod
+    def _problem(record, name, key, params=None, seed=None) -> str | None:
         "Why a loaded record cannot be used, or None when it is valid."
         if not isinstance(record, dict):
             return "not a JSON object"
@@ -129,9 +220,9 @@ class Store:
             return "missing meta fields"
         if record["checksum"] != record_checksum(record):
             return "checksum mismatch"
-        if record["name"] != name or record["key"] != key or record["seed"] != seed:
+        if record["name"] != name or record["key"] != key or (seed is not None and record["seed"] != seed):
             return "name, key or seed do not match"
-        if canonical_json(record["params"]) != canonical_json(params):
+        if params is not None and canonical_json(record["params"]) != canonical_json(params):
             return "params do not match"
         return None
 
@@ -139,7 +230,9 @@ class Store:
         "The stored record of a run if it exists and is valid; warns about (and ignores) a corrupt one."
         params = _check_json("params", params)
         key = run_key(name, params, seed)
-        path = self.root / name / f"{key}.json"
+        return self._read(self.root / name / f"{key}.json", name, key, params, seed)
+
+    def _read(self, path: Path, name, key, params=None, seed=None) -> dict | None:
         if not path.exists():
             return None
         try:
@@ -153,18 +246,71 @@ class Store:
             return None
         return record
 
+    def records(self, name: str | None = None) -> list[dict]:
+        "Every valid record of the store (of one experiment `name`); a bad file is reported (warning) and skipped."
+        names = [name] if name is not None else sorted(p.name for p in self.root.iterdir() if p.is_dir()
+                                                       and p.name not in RESERVED_NAMES) if self.root.exists() else []
+        out = []
+        for n in names:
+            for path in sorted((self.root / n).glob("*.json")):
+                record = self._read(path, n, path.stem)
+                if record is not None:
+                    out.append(record)
+        return out
+
+    @staticmethod
+    def depends_of(records) -> dict:
+        "{'<name>/<key>': checksum} of the records a run was computed from."
+        out = {}
+        for r in records:
+            if not isinstance(r, dict) or not all(f in r for f in ("name", "key", "checksum")):
+                raise ValueError("depends must be store records (dicts with name, key and checksum), "
+                                 f"got {type(r).__name__}")
+            out[f"{r['name']}/{r['key']}"] = r["checksum"]
+        return out
+
+    def _check_depends(self, record: dict, depends: dict, path: Path, sources) -> dict | None:
+        "The record if its dependencies are the ones given now (flagged when it predates dependencies), else None."
+        stored = record["meta"].get("depends")
+        newer = [f"{r['name']}/{r['key']}" for r in sources
+                 if str(r.get("meta", {}).get("created", "")) > str(record["meta"]["created"])]
+        if stored is None and newer:
+            warnings.warn(f"store: {path} is stale: it has no recorded dependencies and {', '.join(newer)} was "
+                          "computed after it; it will be recomputed")
+            self._count(record["name"], "stale")
+            return None
+        if stored is None:
+            warnings.warn(f"store: {path} has no recorded dependencies (written before they were recorded); "
+                          f"used as is, flagged unverified: it may not come from {', '.join(depends)}")
+            self._count(record["name"], "legacy")
+            return {**record, "meta": {**record["meta"], "unverified_depends": True}}
+        if stored != depends:
+            changed = sorted(set(stored) ^ set(depends) | {k for k in stored if k in depends and stored[k] != depends[k]})
+            warnings.warn(f"store: {path} is stale: it was computed from other versions of {', '.join(changed)}; "
+                          "it will be recomputed")
+            self._count(record["name"], "stale")
+            return None
+        return record
+
     def run(self, name: str,  # the experiment's name (a folder of the store)
-            params: dict,  # every parameter of the run (JSON-serialisable)
+            params: dict,  # every parameter of the run (JSON-serialisable, string keys)
             fn,  # () -> result dict (JSON-serialisable); called only when no valid record exists
             seed: int,  # the run's seed (part of the key)
             force: bool = False,  # recompute even when a valid record exists
+            depends=(),  # records this run was computed from (e.g. its teacher's): a stored record from others is stale
             ) -> dict:
-        "The record of a run: stored if valid, else computed by fn() and stored atomically."
+        "The record of a run: stored if valid (and computed from `depends`), else computed by fn() and stored atomically."
         params = _check_json("params", params)
         key = run_key(name, params, seed)
+        seed = check_seed(seed)
+        sources, depends = list(depends), self.depends_of(depends)
+        path = self.root / name / f"{key}.json"
         if not force:
             record = self.load(name, params, seed)
+            if record is not None and depends:
+                record = self._check_depends(record, depends, path, sources)
             if record is not None:
+                self._count(name, "reused")
                 self._say(f"store: reused {name} {key}")
                 return record
         t0 = time.perf_counter()
@@ -173,35 +319,43 @@ class Store:
         if not isinstance(result, dict):
             raise ValueError(f"fn() must return a dict of results, got {type(result).__name__}")
         result = _check_json("result", result)
-        rev, dirty = git_revision(self.root if self.root.exists() else Path.cwd())
-        record = {"name": name, "key": key, "params": params, "seed": seed, "result": result,
-                  "meta": {"git_rev": rev, "dirty": dirty, "versions": package_versions(), "device": device_name(),
-                           "wall_time_s": wall, "created": datetime.now(timezone.utc).isoformat()}}
+        rev, dirty = git_revision(self.root, ignore_inside=True) if self.root.exists() else git_revision(Path.cwd())
+        meta = {"git_rev": rev, "dirty": dirty, "versions": package_versions(), "device": device_name(),
+                "threads": thread_count(), "wall_time_s": wall, "created": datetime.now(timezone.utc).isoformat()}
+        if depends:
+            meta["depends"] = depends
+        if self.profile is not None:
+            meta["profile"] = self.profile
+        record = {"name": name, "key": key, "params": params, "seed": seed, "result": result, "meta": meta}
         record["checksum"] = record_checksum(record)
-        self._write(self.root / name / f"{key}.json", record)
+        self._write(path, record)
+        self._count(name, "computed")
+        self._count(name, "seconds", wall)
         self._say(f"store: computed {name} {key} in {wall:.1f}s")
         return record
 
     @staticmethod
     def _write(path: Path, record: dict):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(record, sort_keys=True, indent=1))
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(path, (json.dumps(record, sort_keys=True, indent=1) + "\n").encode())
+
+    def summary(self, name: str | None = None) -> str:
+        "One line per experiment name of this session: 'name: 12 reused, 3 computed (41.2 s)'."
+        names = [name] if name is not None else list(self.counts)
+        lines = []
+        for n in names:
+            c = self.counts.get(n, {"reused": 0, "computed": 0, "seconds": 0.0, "legacy": 0, "stale": 0})
+            extra = "".join(f", {c[k]} {k}" for k in ("stale", "legacy") if c[k])
+            lines.append(f"{n}: {c['reused']} reused, {c['computed']} computed ({c['seconds']:.1f} s){extra}")
+        return "\n".join(lines) if lines else "store: no runs"
+
+    def resume_path(self, name: str, params: dict, seed: int) -> Path:
+        "The resumable training checkpoint of a run: <checkpoints_dir>/partial/<name>-<key>.pt (for fit/distill)."
+        return self.checkpoints_dir / "partial" / f"{name}-{run_key(name, params, seed)}.pt"
 
     def checkpoint_path(self, name: str) -> Path:
         "Where the checkpoint called `name` lives: <checkpoints_dir>/<name>.safetensors."
         if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ValueError(f"checkpoint name {name!r} must be letters, digits, '_', '.', '-'")
+            raise ValueError(f"checkpoint name {name!r} must be letters, digits, '_', '.', '-' (not starting with '.')")
         return self.checkpoints_dir / f"{name}.safetensors"
 
     def save_checkpoint(self, name: str, model_or_state, metadata: dict | None = None) -> Path:
@@ -218,15 +372,10 @@ def save_checkpoint(model_or_state,  # an nn.Module or a state dict of tensors
                     metadata: dict | None = None,  # str -> str notes stored in the file's header
                     ) -> Path:
     "Write weights to a safetensors file (CPU, contiguous copies)."
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     state = model_or_state.state_dict() if hasattr(model_or_state, "state_dict") else model_or_state
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={str(k): str(v) for k, v in (metadata or {}).items()})
-    os.replace(tmp, path)
-    return path
+    return atomic_write_bytes(path, save(tensors, metadata={str(k): str(v) for k, v in (metadata or {}).items()}))
 
 
 def load_checkpoint(path,  # a .safetensors file written by save_checkpoint
@@ -243,3 +392,190 @@ def load_checkpoint(path,  # a .safetensors file written by save_checkpoint
     device = next((p.device for p in model.parameters()), None)
     model.load_state_dict({k: v.to(device) if device is not None else v for k, v in state.items()})
     return model
+
+# %% ../chapters/a3b_store.ipynb #0c4f3a9e
+from fastcore.basics import patch
+
+_KEY_RE = re.compile(r"^[0-9a-f]{16}$")
+
+
+class WeightsError(Exception):
+    "A stored weight file is missing, corrupt, or not the one its record names."
+
+
+@patch
+def weights_path(self: Store, name: str, key: str) -> Path:
+    "Where the stored weights of run `key` of experiment `name` live: <root>/weights/<name>/<key>.safetensors."
+    check_name(name)
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise ValueError(f"store key {key!r} must be 16 lowercase hex digits (see run_key)")
+    return self.root / "weights" / name / f"{key}.safetensors"
+
+
+@patch
+def save_weights(self: Store, name: str,  # the experiment's name
+                 key: str,  # the run's key (Store.key)
+                 model,  # an nn.Module or a state dict
+                 ) -> dict:
+    "Store a model's weights (floating tensors as float16, integer buffers as is), atomically; the dict for its record."
+    import torch
+    from safetensors.torch import save
+    path = self.weights_path(name, key)
+    state = model.state_dict() if hasattr(model, "state_dict") else model
+    tensors = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().to("cpu")).contiguous()
+               for k, v in state.items()}
+    data = save(tensors)
+    atomic_write_bytes(path, data)
+    return {"path": path.relative_to(self.root).as_posix(), "sha256": hashlib.sha256(data).hexdigest(),
+            "dtype": "float16", "bytes": len(data)}
+
+
+@patch
+def load_weights(self: Store, name: str,  # the experiment's name
+                 key: str,  # the run's key
+                 model,  # the module to load into (strictly; tensors cast to its dtypes and devices)
+                 sha256: str,  # the checksum its record names (record["result"]["weights"]["sha256"])
+                 ):
+    "Load stored weights into `model` after checking the file's sha256; WeightsError when missing, corrupt or mismatched."
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+    path = self.weights_path(name, key)
+    remedy = (f"restore it (git checkout -- {path}) or delete the record {self.root / name / (key + '.json')} "
+              "and run again to retrain")
+    if not path.exists():
+        raise WeightsError(f"no stored weights at {path}: {remedy}")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise WeightsError(f"stored weights {path} do not match the checksum of their record (corrupt or replaced): {remedy}")
+    try:
+        state = load(data)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise WeightsError(f"stored weights {path} cannot be read ({err}): {remedy}") from None
+    mine = model.state_dict()
+    if set(state) != set(mine):
+        raise WeightsError(f"stored weights {path} are for another model (tensors differ: "
+                           f"{sorted(set(state) ^ set(mine))[:5]}): {remedy}")
+    try:
+        model.load_state_dict({k: v.to(device=mine[k].device, dtype=mine[k].dtype) for k, v in state.items()})
+    except RuntimeError as err:
+        raise WeightsError(f"stored weights {path} do not fit the model ({err}): {remedy}") from None
+    return model
+
+# %% ../chapters/a3b_store.ipynb #4d1c7b88
+@patch
+def run_model(self: Store, name: str,  # the experiment's name
+              params: dict,  # every parameter of the run
+              seed: int,  # the run's seed
+              build,  # () -> a freshly initialised model
+              train,  # (model) -> result dict; trains the model in place
+              need_model: bool = True,  # False: return (record, None) without loading weights
+              depends=(),  # records this run was computed from (see Store.run)
+              force: bool = False,  # retrain even when a valid record exists
+              ) -> tuple:
+    "(record, model) of a training run: its weights are stored (float16) with the record and always loaded from there."
+    key = run_key(name, params, seed)
+    trained = {}
+
+    def fn():
+        model = build()
+        result = train(model)
+        if not isinstance(result, dict) or "weights" in result:
+            raise ValueError(f"train(model) must return a dict of results without a 'weights' entry, got {result!r:.80}")
+        trained["model"] = model
+        return {**result, "weights": self.save_weights(name, key, model)}
+
+    record = self.run(name, params, fn, seed, force=force, depends=depends)
+    if "model" in trained:  # computed now: use the stored 16-bit weights too, so a re-run is identical
+        return record, self.load_weights(name, key, trained["model"], record["result"]["weights"]["sha256"])
+    if not need_model:
+        return record, None
+    try:
+        weights = record["result"].get("weights")
+        if not isinstance(weights, dict) or "sha256" not in weights:
+            raise WeightsError(f"the record {self.root / name / (key + '.json')} names no stored weights")
+        return record, self.load_weights(name, key, build(), weights["sha256"])
+    except WeightsError as err:
+        warnings.warn(f"store: {err}; retraining {name} {key} (records computed from it will be recomputed)")
+        self._count(name, "reused", -1)
+        record = self.run(name, params, fn, seed, force=True, depends=depends)
+        return record, self.load_weights(name, key, trained["model"], record["result"]["weights"]["sha256"])
+
+# %% ../chapters/a3b_store.ipynb #e4a1d2c3
+def chapter_plan(root,  # the book's repository (holds profiles.yml)
+                 ) -> dict:
+    "profiles.yml: {'default': profile, 'chapters': {stem: {'published', 'target', 'stores'}}} (plain form: both the same)."
+    import yaml
+    path = Path(root) / "profiles.yml"
+    spec = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
+    default = spec.get("default", "smoke")
+    chapters = {}
+    for stem, value in (spec.get("chapters") or {}).items():
+        value = value if isinstance(value, dict) else {"published": value}
+        published = value.get("published", default)
+        chapters[stem] = {"published": published, "target": value.get("target", published),
+                          "stores": list(value.get("stores") or [])}
+    return {"default": default, "chapters": chapters}
+
+
+def html_table(header: list,  # column names
+               rows: list,  # one list of cells per row (str, int, float or None)
+               caption: str | None = None,  # shown above the table
+               digits: int = 3,  # decimals of floats
+               ):
+    "An HTML table (IPython.display.HTML): renders as a table in Jupyter and in the book, whatever its markdown flavour."
+    from html import escape
+    from IPython.display import HTML
+
+    def cell(v):
+        return "—" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else escape(str(v))
+
+    head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    cap = f"<caption>{escape(caption)}</caption>" if caption else ""
+    return HTML(f'<table class="kdbook-table">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
+
+
+def store_overview(records: list) -> list:
+    "Rows (name, profile, device, records, compute minutes, newest record, its revision) of a store's records."
+    groups = {}
+    for r in records:
+        m = r["meta"]
+        groups.setdefault((r["name"], m.get("profile") or "not recorded", m["device"]), []).append(r)
+    rows = []
+    for (name, profile, device), recs in sorted(groups.items()):
+        newest = max(recs, key=lambda r: r["meta"]["created"])
+        rows.append([name, profile, device, len(recs), sum(r["meta"]["wall_time_s"] for r in recs) / 60,
+                     newest["meta"]["created"][:10], newest["meta"]["git_rev"][:8]])
+    return rows
+
+
+def _on_gpu(record) -> bool:
+    return str(record["meta"]["device"]).startswith("cuda")
+
+
+def ledger(records: list,  # valid store records (Store.records())
+           plan: dict,  # chapter_plan(root)
+           ) -> list:
+    "Per chapter with stored runs: runs and GPU-minutes at quick and paper, measured on CUDA; 'owed' where none is."
+    rows = []
+    for stem, spec in plan["chapters"].items():
+        if not spec["stores"]:
+            continue
+        mine = [r for r in records if r["name"] in spec["stores"]]
+        row = [stem, spec["published"], spec["target"]]
+        for profile in ("quick", "paper"):
+            gpu = [r for r in mine if r["meta"].get("profile") == profile and _on_gpu(r)]
+            cpu = [r for r in mine if r["meta"].get("profile") == profile and not _on_gpu(r)]
+            if gpu:
+                row.append(f"{len(gpu)} runs, {sum(r['meta']['wall_time_s'] for r in gpu) / 60:.1f} GPU-min")
+            elif cpu:
+                row.append(f"owed on a GPU ({len(cpu)} runs on CPU, {sum(r['meta']['wall_time_s'] for r in cpu) / 60:.1f} CPU-min)")
+            else:
+                row.append("owed")
+        row.append(sum(1 for r in mine if "profile" not in r["meta"]))
+        rows.append(row)
+    return rows
+
+
+LEDGER_HEADER = ["chapter", "published", "target", "quick", "paper", "records without a recorded profile"]
+OVERVIEW_HEADER = ["experiment", "profile", "device", "records", "compute (min)", "newest", "revision"]

@@ -120,3 +120,190 @@ def test_checkpoints(tmp_path):
     assert set(load_checkpoint(explicit)) == set(net.state_dict())
     with pytest.raises(ValueError, match="no checkpoint"):
         store.load_checkpoint("missing")
+
+
+# --- escape attempts and confusions: a clear error before any work, and nothing written -------------------------
+
+def _files(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else []
+
+
+@pytest.mark.parametrize("name", [".", "..", ".hidden", "../x", "a/b", "", "x" * 101, "weights", "partial", 3, None])
+def test_bad_names_refused_before_work(tmp_path, name):
+    store, fn = Store(tmp_path / "results"), Counter()
+    (tmp_path / "results").mkdir()
+    before = _files(tmp_path)
+    with pytest.raises(ValueError, match="store name"):
+        store.run(name, {"lr": 0.1}, fn, seed=0)
+    assert fn.calls == 0 and _files(tmp_path) == before
+
+
+def test_param_keys_of_other_types_cannot_share_a_key(tmp_path):
+    store, fn = Store(tmp_path), Counter()
+    store.run("exp", {"1": "a"}, fn, seed=0)
+    with pytest.raises(ValueError, match="keys must be strings"):
+        store.run("exp", {1: "a"}, fn, seed=0)
+    with pytest.raises(ValueError, match="keys must be strings"):
+        store.run("exp", {"nested": {2.0: 1}}, fn, seed=0)
+    assert fn.calls == 1
+
+
+@pytest.mark.parametrize("seed", [-1, 1.0, True, "0", None, 2.5])
+def test_bad_seeds_refused(tmp_path, seed):
+    store, fn = Store(tmp_path), Counter()
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        store.run("exp", {}, fn, seed=seed)
+    assert fn.calls == 0 and not list(tmp_path.rglob("*.json"))
+
+
+def test_numpy_seed_accepted(tmp_path):
+    import numpy as np
+    rec = Store(tmp_path).run("exp", {}, Counter(), seed=np.int64(3))
+    assert rec["seed"] == 3 and type(rec["seed"]) is int
+
+
+def test_files_are_0644(tmp_path):
+    store = Store(tmp_path / "results")
+    store.run("exp", {}, Counter(), seed=0)
+    w = store.save_weights("exp", "0123456789abcdef", torch.nn.Linear(2, 2))
+    assert store.path("exp", {}, 0).stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "results" / w["path"]).stat().st_mode & 0o777 == 0o644
+
+
+def test_thread_count_in_provenance(tmp_path):
+    rec = Store(tmp_path).run("exp", {}, Counter(), seed=0)
+    assert rec["meta"]["threads"] == torch.get_num_threads()
+
+
+def test_records_skips_bad_files(tmp_path):
+    store = Store(tmp_path / "results")
+    good = store.run("exp", {"a": 1}, Counter(), seed=0)
+    store.run("exp", {"a": 2}, Counter(), seed=0)
+    store.path("exp", {"a": 2}, 0).write_text("{broken")
+    (tmp_path / "results" / "exp" / "0000000000000000.json").write_text(json.dumps(good))  # wrong file name
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        recs = store.records()
+    assert recs == [good]
+    assert sum("corrupt record" in str(w.message) for w in caught) == 2
+
+
+def test_summary(tmp_path):
+    store, fn = Store(tmp_path, verbose=False), Counter()
+    for lr in (0.1, 0.2):
+        store.run("exp", {"lr": lr}, fn, seed=0)
+    store.run("exp", {"lr": 0.1}, fn, seed=0)
+    assert store.summary().startswith("exp: 1 reused, 2 computed (")
+    assert store.summary("other") == "other: 0 reused, 0 computed (0.0 s)"
+
+
+# --- dependencies -----------------------------------------------------------------------------------------------
+
+def test_depends_stale_and_legacy(tmp_path):
+    store, fn = Store(tmp_path, verbose=False), Counter()
+    teacher = store.run("teacher", {"e": 1}, Counter({"acc": 0.9}), seed=0)
+    student = store.run("student", {"e": 1}, fn, seed=0, depends=[teacher])
+    assert student["meta"]["depends"] == {f"teacher/{teacher['key']}": teacher["checksum"]}
+    assert store.run("student", {"e": 1}, fn, seed=0, depends=[teacher]) == student and fn.calls == 1
+    # the teacher is retrained (another result, another checksum): the student is stale and recomputed
+    teacher2 = store.run("teacher", {"e": 1}, Counter({"acc": 0.8}), seed=0, force=True)
+    with pytest.warns(UserWarning, match=f"stale.*teacher/{teacher['key']}"):
+        student2 = store.run("student", {"e": 1}, fn, seed=0, depends=[teacher2])
+    assert fn.calls == 2 and student2["meta"]["depends"][f"teacher/{teacher['key']}"] == teacher2["checksum"]
+    # a record written without dependencies: returned, flagged, counted
+    legacy = store.run("old", {"e": 1}, fn, seed=0)
+    with pytest.warns(UserWarning, match="no recorded dependencies"):
+        got = store.run("old", {"e": 1}, fn, seed=0, depends=[teacher2])
+    assert fn.calls == 3 and got["meta"]["unverified_depends"] is True and got["result"] == legacy["result"]
+    assert "1 legacy" in store.summary("old")
+    with pytest.raises(ValueError, match="depends must be store records"):
+        store.run("x", {}, fn, seed=0, depends=["teacher"])
+
+
+# --- weights ----------------------------------------------------------------------------------------------------
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+
+
+def test_weights_roundtrip_float16(tmp_path):
+    store, net = Store(tmp_path / "results"), _net()
+    info = store.save_weights("t", "0123456789abcdef", net)
+    assert info["path"] == "weights/t/0123456789abcdef.safetensors" and info["dtype"] == "float16"
+    path = tmp_path / "results" / info["path"]
+    assert info["bytes"] == path.stat().st_size and len(info["sha256"]) == 64
+    other = store.load_weights("t", "0123456789abcdef", _net().double(), info["sha256"])
+    assert other[0].weight.dtype == torch.float64
+    assert torch.equal(other[0].weight, net[0].weight.half().double())
+    assert torch.equal(other[1].num_batches_tracked, net[1].num_batches_tracked)
+    assert not list(path.parent.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("damage", ["missing", "flip", "truncate", "sha", "other_model"])
+def test_weights_damage_detected(tmp_path, damage):
+    from kdbook.store import WeightsError
+    store = Store(tmp_path / "results")
+    info = store.save_weights("t", "0123456789abcdef", _net())
+    path, sha, model = tmp_path / "results" / info["path"], info["sha256"], _net()
+    if damage == "missing":
+        path.unlink()
+    elif damage == "flip":
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:100])
+    elif damage == "sha":
+        sha = "0" * 64
+    elif damage == "other_model":
+        model = torch.nn.Linear(4, 3)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(WeightsError, match=str(path).replace(".", r"\.")):
+        store.load_weights("t", "0123456789abcdef", model, sha)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "nothing may be loaded"
+
+
+def test_run_model_reuses_stored_weights_and_retrains_missing(tmp_path):
+    store, calls = Store(tmp_path / "results", verbose=False), []
+
+    def train(model):
+        calls.append(1)
+        with torch.no_grad():
+            model[0].weight.mul_(1.001)  # values that float16 rounds
+        return {"acc": 0.5}
+
+    rec, model = store.run_model("t", {"e": 1}, 0, _net, train)
+    rec2, model2 = store.run_model("t", {"e": 1}, 0, _net, train)
+    assert len(calls) == 1 and rec2 == rec
+    assert torch.equal(model[0].weight, model2[0].weight), "the fresh model must carry the stored 16-bit weights"
+    assert model[0].weight.dtype == torch.float32
+    assert store.run_model("t", {"e": 1}, 0, _net, train, need_model=False) == (rec, None)
+    student = store.run("s", {"e": 1}, Counter(), seed=0, depends=[rec])
+    path = tmp_path / "results" / rec["result"]["weights"]["path"]
+    path.write_bytes(path.read_bytes()[:-8] + b"\0" * 8)  # corrupt: detected, retrained
+    with pytest.warns(UserWarning, match="do not match"):
+        rec3, model3 = store.run_model("t", {"e": 1}, 0, _net, train)
+    assert len(calls) == 2 and rec3["checksum"] != rec["checksum"]  # created differs
+    assert torch.equal(model3[0].weight, model[0].weight)  # deterministic on CPU
+    with pytest.warns(UserWarning, match="stale"):
+        store.run("s", {"e": 1}, Counter(), seed=0, depends=[rec3])
+    assert student is not None
+
+
+def test_resume_path(tmp_path):
+    store = Store(tmp_path / "results")
+    p = store.resume_path("exp", {"lr": 0.1}, 3)
+    assert p == tmp_path / "data" / "checkpoints" / "partial" / f"exp-{run_key('exp', {'lr': 0.1}, 3)}.pt"
+    with pytest.raises(ValueError, match="store name"):
+        store.resume_path("..", {}, 0)
+
+
+def test_legacy_record_older_than_its_dependency_is_stale(tmp_path):
+    store, fn = Store(tmp_path, verbose=False), Counter()
+    old_student = store.run("student", {"e": 1}, fn, seed=0)  # written before dependencies were recorded
+    teacher = store.run("teacher", {"e": 1}, Counter({"acc": 0.9}), seed=0)  # the teacher was (re)trained later
+    with pytest.warns(UserWarning, match="stale: it has no recorded dependencies and teacher/"):
+        new = store.run("student", {"e": 1}, fn, seed=0, depends=[teacher])
+    assert fn.calls == 2 and new["meta"]["depends"] and new["checksum"] != old_student["checksum"]
+    assert "1 stale" in store.summary("student")

@@ -68,21 +68,34 @@ class BuildError(RuntimeError):
 
 
 def chapter_profiles(root: Path, profile: str | None):
-    """chapter stem -> profile: `profile` for all when given, else `profiles.yml` (default smoke).
+    """chapter stem -> profile: `profile` for all when given, else the `published` profile of `profiles.yml`.
 
-    profiles.yml names the profile the published book renders each chapter at: a chapter moves from
-    smoke to quick once its quick results are committed to results/, so that `make book` reads them
-    instead of training again."""
+    profiles.yml names, per chapter, the profile the published book renders it at (`published`) and the one
+    it is being computed toward (`target`, see tools/owed.py); the plain form `chapter: profile` means
+    both. A chapter moves from smoke to quick once its quick results are committed to results/, so that
+    `make book` reads them instead of training again. Chapters not listed use `default` (smoke)."""
     if profile is not None:
         return lambda stem: profile
     path = root / "profiles.yml"
-    spec = yaml.safe_load(path.read_text()) if path.exists() else {}
+    spec = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
     default = spec.get("default", "smoke")
-    chapters = spec.get("chapters") or {}
-    for name, value in [("default", default), *chapters.items()]:
+    published = {}
+    for name, value in (spec.get("chapters") or {}).items():
+        if isinstance(value, dict):
+            unknown = set(value) - {"published", "target", "stores"}
+            if unknown or "published" not in value:
+                raise BuildError(f"{path}: {name}: expected {{published: PROFILE, target: PROFILE, stores: [...]}}, "
+                                 f"got {value!r}")
+            for field in ("published", "target"):
+                if field in value and value[field] not in PROFILES:
+                    raise BuildError(f"{path}: {name}: {field}: unknown profile {value[field]!r}; "
+                                     f"use one of {', '.join(PROFILES)}")
+            value = value["published"]
+        published[name] = value
+    for name, value in [("default", default), *published.items()]:
         if value not in PROFILES:
             raise BuildError(f"{path}: {name}: unknown profile {value!r}; use one of {', '.join(PROFILES)}")
-    return lambda stem: chapters.get(stem, default)
+    return lambda stem: published.get(stem, default)
 
 
 def toc_files(toc: dict) -> list[str]:
