@@ -12,6 +12,7 @@ import json
 import os
 import tarfile
 import tempfile
+import warnings
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,14 +22,16 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['DATASETS', 'SPLITS', 'OFFLINE_FILES', 'STANDINS', 'FASHION_CLASSES', 'CACHE_VERSION', 'ImageSet', 'to_float',
-           'datasets_dir', 'resolve_cache_dir', 'read_idx_gz', 'read_jpeg_tar', 'save_cached', 'load_cached',
-           'offline_available', 'load_dataset', 'stratified_subset', 'split_halves', 'fraction_subset']
+__all__ = ['DATASETS', 'SPLITS', 'OFFLINE_FILES', 'PUBLISHED_SHA256', 'STANDINS', 'FASHION_CLASSES', 'CIFAR10_CLASSES',
+           'CIFAR100_CLASSES', 'EXPECTED', 'CACHE_VERSION', 'Expected', 'ImageSet', 'to_float', 'datasets_dir',
+           'resolve_cache_dir', 'DatasetError', 'damaged', 'read_gz', 'parse_idx', 'read_idx_gz', 'read_jpeg_tar',
+           'verify_arrays', 'save_cached', 'load_cached', 'offline_available', 'load_dataset', 'stratified_subset',
+           'split_halves', 'fraction_subset']
 
 # %% ../chapters/a1_data.ipynb #a1c008
 DATASETS = ("mnist", "emnist", "fashion_mnist", "cifar10", "cifar100", "svhn")  # names load_dataset accepts
 SPLITS = ("train", "test")
-# What each offline folder must hold (relative to the datasets directory), see shared/datasets/README.md.
+# What each offline folder must hold (relative to the datasets directory, described in its README).
 OFFLINE_FILES = {
     "mnist": ("MNIST/raw", ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
                             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")),
@@ -37,16 +40,64 @@ OFFLINE_FILES = {
     "cifar100": ("CIFAR100-JPEG", ("train.tar.gz", "test.tar.gz")),
     "cifar10": ("CIFAR10-JPEG", ("train.tar.gz", "test.tar.gz")),
 }
+# sha256 of the published offline copies. A file that matches is that copy; one that differs is used only if
+# every check of counts, classes and labels passes, with a warning (a copy re-made from the originals differs
+# byte for byte but is as good).
+PUBLISHED_SHA256 = {
+    "CIFAR10-JPEG/test.tar.gz": "f225cabdd5279430dd56749e356119671fe0cd2bf543e78d20c27af441d80951",
+    "CIFAR10-JPEG/train.tar.gz": "45a63b9dd7542b37404b94f3e6f0269562f89fe2ff16ed505e6a327bb8c68449",
+    "CIFAR100-JPEG/test.tar.gz": "8be4548c7605bcfdce6b39599403071fdb746e196bce839da45f45ea6d5c3066",
+    "CIFAR100-JPEG/train.tar.gz": "cf095c0216ace3c1391ed4341c9c19bfd7a177db03be64c82a762ee41adafaf8",
+    "FashionMNIST/raw/t10k-images-idx3-ubyte.gz": "55ec2dd7358c56fba81678bf2cd00a44de07bae64c342921600298a2b5eb517d",
+    "FashionMNIST/raw/t10k-labels-idx1-ubyte.gz": "bad34aa92450454a281e4959ab5a22f03213e21212f4261dadf52e42fa6cd580",
+    "FashionMNIST/raw/train-images-idx3-ubyte.gz": "f46450982819e161325683178a5324fc64e606fb3758c65c6ca7dcc91aa489fd",
+    "FashionMNIST/raw/train-labels-idx1-ubyte.gz": "bee2410e017aef275ad0716cfa389481fe80dd89f974536e863d982da161f14c",
+    "MNIST/raw/t10k-images-idx3-ubyte.gz": "1a1a05eab793c14bb050b398624a11b0ffd1a2953baed553b1b9bd079e2a20be",
+    "MNIST/raw/t10k-labels-idx1-ubyte.gz": "b91679a0acfe4ba0e50a2437a903084cba1f5f92592b016a25a7dfd00455798b",
+    "MNIST/raw/train-images-idx3-ubyte.gz": "0b367032e93c5d0cea0925647cfdb18614af8ee15f83e6f2fc2ad904a6835971",
+    "MNIST/raw/train-labels-idx1-ubyte.gz": "1787548bbe0bff1ec2ecdc0ef292b02df999e2d1a6002d27500982c652b17203",
+}
 # Offline stand-ins: the closest real set we have when the paper's set is not in the datasets directory.
 STANDINS = {
-    "emnist": ("fashion_mnist", "EMNIST (byclass) is not in the offline datasets directory, so Fashion-MNIST "
+    "emnist": ("fashion_mnist", "EMNIST (byclass) has no offline copy, so Fashion-MNIST "
                "(also 28x28 greyscale, real images, not digits) stands in as extra distillation data."),
-    "svhn": ("cifar10", "SVHN is not in the offline datasets directory, so CIFAR-10 (real 32x32 colour photos "
-             "outside CIFAR-100's classes) stands in as the out-of-distribution set."),
+    "svhn": ("cifar10", "SVHN has no offline copy, so CIFAR-10 (real 32x32 colour photos, none of them in "
+             "CIFAR-100's classes) stands in as the out-of-distribution set."),
 }
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-CACHE_VERSION = 1  # bump when the cached array layout changes
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+CIFAR100_CLASSES = (  # the official fine labels; sorted, so a folder's rank is its label index
+    "apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can "
+    "castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin "
+    "elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster "
+    "man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck "
+    "pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk "
+    "skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger "
+    "tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm").split()
+
+@dataclass(frozen=True)
+class Expected:
+    "What a complete, undamaged split holds; every load is checked against it before use or caching."
+    n: int  # number of images
+    shape: tuple  # (C, H, W) of every image
+    n_classes: int  # labels are 0..n_classes-1
+    per_class: tuple | None = None  # the count of each class, where it is known
+    classes: tuple | None = None  # the class names, where they are fixed (CIFAR folders)
+
+_MNIST_PER_CLASS = {"train": (5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949),
+                    "test": (980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009)}
+EXPECTED = {
+    **{("mnist", s): Expected(n, (1, 28, 28), 10, _MNIST_PER_CLASS[s]) for s, n in (("train", 60000), ("test", 10000))},
+    **{("fashion_mnist", s): Expected(n, (1, 28, 28), 10, (n // 10,) * 10) for s, n in (("train", 60000), ("test", 10000))},
+    **{("cifar10", s): Expected(n, (3, 32, 32), 10, (n // 10,) * 10, tuple(CIFAR10_CLASSES))
+       for s, n in (("train", 50000), ("test", 10000))},
+    **{("cifar100", s): Expected(n, (3, 32, 32), 100, (n // 100,) * 100, tuple(CIFAR100_CLASSES))
+       for s, n in (("train", 50000), ("test", 10000))},
+    ("emnist", "train"): Expected(697932, (1, 28, 28), 62), ("emnist", "test"): Expected(116323, (1, 28, 28), 62),
+    ("svhn", "train"): Expected(73257, (3, 32, 32), 10), ("svhn", "test"): Expected(26032, (3, 32, 32), 10),
+}
+CACHE_VERSION = 2  # bump when the cached layout or the checks change: entries of other versions are rebuilt
 
 # %% ../chapters/a1_data.ipynb #a1c009
 @dataclass
@@ -105,13 +156,20 @@ def _repo_root(start: Path) -> Path | None:
 def datasets_dir(root=None,  # a folder with the offline copies; None reads env KDBOOK_DATASETS
                 ) -> Path | None:
     """The offline datasets directory: the argument, else env KDBOOK_DATASETS, else `../shared/datasets`
-    beside the repository (this project's CI layout) if it exists, else None."""
+    beside the repository (this project's CI layout) if it exists, else None. A `root=` that does not exist is
+    an error; a KDBOOK_DATASETS that does not exist is a warning (torchvision's files or download may still serve)."""
     if root is None:
-        root = os.environ.get("KDBOOK_DATASETS") or None
-        if root is None:
-            repo = _repo_root(Path.cwd().resolve())
-            ci = repo.parent / "shared" / "datasets" if repo is not None else None
-            return ci if ci is not None and ci.is_dir() else None
+        env = os.environ.get("KDBOOK_DATASETS") or None
+        if env is not None:
+            path = Path(env).expanduser()
+            if path.is_dir(): return path
+            warnings.warn(f"KDBOOK_DATASETS={env} is not a directory, so no offline copy is used; loading goes on "
+                          "with torchvision's files (or its download if download=True). Fix or unset KDBOOK_DATASETS.",
+                          stacklevel=2)
+            return None
+        repo = _repo_root(Path.cwd().resolve())
+        ci = repo.parent / "shared" / "datasets" if repo is not None else None
+        return ci if ci is not None and ci.is_dir() else None
     root = Path(root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"datasets directory {root} does not exist; point root= or KDBOOK_DATASETS "
@@ -130,55 +188,127 @@ def resolve_cache_dir(cache_dir=None,  # where decoded arrays and torchvision do
     return Path(cache_dir).expanduser()
 
 # %% ../chapters/a1_data.ipynb #a1c014
-def read_idx_gz(path) -> np.ndarray:
-    "Read a gzip-compressed IDX file (the MNIST format: magic, dims, then raw uint8) into a numpy array."
-    with gzip.open(path, "rb") as f: buf = f.read()
-    zero, dtype_code, ndim = buf[0] | buf[1], buf[2], buf[3]
-    if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path} is not a uint8 IDX file (header {buf[:4].hex()})")
+class DatasetError(ValueError):
+    "A dataset file that is damaged, incomplete or not the set it claims to be; nothing from it is used or cached."
+
+def _offline_remedy(path) -> str:
+    return (f"Nothing was loaded or cached. Re-copy {Path(path).name} from an intact copy (or point KDBOOK_DATASETS "
+            "/ root= at one), or unset KDBOOK_DATASETS and pass download=True so torchvision downloads the set.")
+
+def damaged(path,  # the file at fault
+            problem: str,  # what is wrong with it
+            remedy: str | None = None,  # what to do; default: re-copy it, or let torchvision download the set
+           ) -> DatasetError:
+    "The error for a dataset file that failed a check: names the file, the problem and the remedies."
+    return DatasetError(f"dataset file {path} is damaged or incomplete: {problem}. {remedy or _offline_remedy(path)}")
+
+def read_gz(path) -> tuple[bytes, str]:
+    """The whole decompressed content of a gzip file and the sha256 of the file. The stream is read to its end,
+    where gzip checks its CRC and length, so a corrupted byte anywhere or a truncation is a DatasetError."""
+    raw = Path(path).read_bytes()  # a missing file stays a FileNotFoundError
+    try:
+        data = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise damaged(path, f"its gzip stream is corrupt or truncated ({type(e).__name__}: {e})") from None
+    return data, hashlib.sha256(raw).hexdigest()
+
+def parse_idx(buf: bytes, path) -> np.ndarray:
+    "Parse an uncompressed IDX buffer (the MNIST format: magic, dims, then raw uint8); `path` names it in errors."
+    if len(buf) < 4 or buf[0] | buf[1] != 0 or buf[2] != 0x08 or buf[3] not in (1, 3):
+        raise damaged(path, f"it is not a uint8 IDX file of 1 or 3 dimensions (header {buf[:4].hex()})")
+    ndim = buf[3]
+    if len(buf) < 4 + 4 * ndim: raise damaged(path, "its IDX header is cut short")
     dims = [int.from_bytes(buf[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(buf, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise ValueError(f"{path} is truncated: expected {int(np.prod(dims))} values, found {data.size}")
+        raise damaged(path, f"its header promises {dims} = {int(np.prod(dims))} values, it holds {data.size}")
     return data.reshape(dims).copy()  # frombuffer views are read-only; torch wants writable memory
 
-def _read_idx_pair(folder: Path, split: str):
-    prefix = "train" if split == "train" else "t10k"
-    x = read_idx_gz(folder / f"{prefix}-images-idx3-ubyte.gz")
-    y = read_idx_gz(folder / f"{prefix}-labels-idx1-ubyte.gz")
-    return x[:, None], y.astype(np.int64)
+def read_idx_gz(path) -> np.ndarray:
+    "Read a gzip-compressed IDX file into a numpy array, checking the whole stream (see `read_gz`)."
+    return parse_idx(read_gz(path)[0], path)
 
 def _decode_jpeg(data: bytes) -> np.ndarray:
     from PIL import Image
     with Image.open(io.BytesIO(data)) as im: return np.asarray(im.convert("RGB"))
 
-def read_jpeg_tar(path, threads: int | None = None):
-    "Decode a `SPLIT/<class>/<file>.jpg` tarball; classes = sorted folder names, order = (label, file name)."
+def _decode_or_none(data: bytes):
+    try: return _decode_jpeg(data)
+    except Exception: return None  # reported below with the member's name
+
+def read_jpeg_tar(path, threads: int | None = None, split: str | None = None):
+    """Decode a `SPLIT/<class>/<file>.jpg` tarball (whole gzip stream checked); classes = sorted folder names,
+    order = (label, file name). Returns (images, labels, classes) or raises DatasetError naming the file.
+    `split` (if given) must be the top folder of every member."""
+    data, _ = read_gz(path) if str(path).endswith("gz") else (Path(path).read_bytes(), None)
     items = []
-    with tarfile.open(path, "r:*") as tf:
-        for m in tf:
-            if not (m.isfile() and m.name.lower().endswith(".jpg")): continue
-            parts = m.name.split("/")
-            items.append((parts[-2], parts[-1], tf.extractfile(m).read()))
-    if not items: raise ValueError(f"{path} holds no JPEG files")
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tf:
+            for m in tf:
+                if not (m.isfile() and m.name.lower().endswith(".jpg")): continue
+                parts = m.name.split("/")
+                if len(parts) != 3 or (split is not None and parts[0] != split):
+                    raise damaged(path, f"member {m.name!r} is not {split or 'SPLIT'}/<class>/<file>.jpg")
+                items.append((parts[1], parts[2], tf.extractfile(m).read()))
+    except (tarfile.TarError, EOFError) as e:
+        raise damaged(path, f"its tar archive is corrupt or truncated ({type(e).__name__}: {e})") from None
+    if not items: raise damaged(path, "it holds no JPEG files")
     classes = sorted({c for c, _, _ in items})
     items.sort(key=lambda t: (classes.index(t[0]), t[1]))
     # Pillow releases the GIL while decoding, so threads scale with cores.
     with ThreadPoolExecutor(threads or os.cpu_count() or 1) as ex:
-        arrays = list(ex.map(_decode_jpeg, (d for _, _, d in items), chunksize=256))
+        arrays = list(ex.map(_decode_or_none, (d for _, _, d in items), chunksize=256))
+    shape = next((a.shape for a in arrays if a is not None), None)
+    for (c, f, _), a in zip(items, arrays):
+        if a is None or a.shape != shape:
+            what = "is not a readable JPEG" if a is None else f"is {a.shape[:2]} pixels, the others {shape[:2]}"
+            raise damaged(path, f"member {c}/{f} {what}")
     x = np.stack(arrays).transpose(0, 3, 1, 2)
     lut = {c: i for i, c in enumerate(classes)}
     y = np.array([lut[c] for c, _, _ in items], dtype=np.int64)
     return np.ascontiguousarray(x), y, classes
 
+def verify_arrays(name: str,  # a key of DATASETS: what the arrays claim to be
+                  split: str,  # "train" or "test"
+                  x: np.ndarray, y: np.ndarray, classes: list,  # the decoded split
+                  images_file, labels_file=None,  # where images and labels came from (named in errors)
+                  remedy: str | None = None,  # the fix to suggest; default: re-copy or download
+                 ) -> None:
+    "Check a decoded split against EXPECTED (count, image shape, classes, labels in range, per-class counts)."
+    exp, labels_file = EXPECTED[name, split], labels_file or images_file
+    if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != exp.shape:
+        raise damaged(images_file, f"its images are {x.dtype} {tuple(x.shape[1:])}, expected uint8 {exp.shape}", remedy)
+    if len(x) != len(y):
+        raise damaged(labels_file, f"it holds {len(y)} labels for {len(x)} images", remedy)
+    if len(x) != exp.n:
+        raise damaged(images_file, f"it holds {len(x):,} {name} {split} images, a complete copy holds {exp.n:,}", remedy)
+    if exp.classes is not None and tuple(classes) != exp.classes:
+        missing, extra = sorted(set(exp.classes) - set(classes)), sorted(set(classes) - set(exp.classes))
+        raise damaged(labels_file, f"its class folders are not {name}'s: missing {', '.join(missing[:5]) or 'none'}, "
+                      f"unexpected {', '.join(extra[:5]) or 'none'}", remedy)
+    if len(classes) != exp.n_classes:
+        raise damaged(labels_file, f"it holds {len(classes)} classes, {name} has {exp.n_classes}", remedy)
+    if y.size and (y.min() < 0 or y.max() >= exp.n_classes):
+        raise damaged(labels_file, f"labels run from {y.min()} to {y.max()}, outside 0..{exp.n_classes - 1}", remedy)
+    if exp.per_class is not None:
+        counts = np.bincount(y, minlength=exp.n_classes).tolist()
+        bad = [(c, n, e) for c, (n, e) in enumerate(zip(counts, exp.per_class)) if n != e]
+        if bad:
+            shown = ", ".join(f"class {c}: {n} (expected {e})" for c, n, e in bad[:4])
+            raise damaged(labels_file, f"{len(bad)} classes have the wrong number of examples ({shown})", remedy)
+
 # %% ../chapters/a1_data.ipynb #a1c015
 def _files_key(paths) -> str:
-    "A key that changes when any source file changes: name, size and mtime of each."
+    "A key that changes when any source file changes: name, size and mtime of each (torchvision's own files)."
     h = hashlib.sha256(f"v{CACHE_VERSION}".encode())
     for p in sorted(Path(p) for p in paths):
         st = p.stat()
         h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()[:16]
+
+def _sha_key(shas) -> str:
+    "A key made of the sha256 of the verified source files: a cache entry belongs to exactly those bytes."
+    return hashlib.sha256(f"v{CACHE_VERSION}:{':'.join(shas)}".encode()).hexdigest()[:16]
 
 def _crc(*arrays) -> int:
     c = 0
@@ -210,12 +340,19 @@ def load_cached(path):
     except Exception:  # truncated zip, bad header, bad JSON: all mean "rebuild"
         return None
 
-def _cached(cache_dir: Path, tag: str, key: str, build):
-    "Load `tag` from the cache if its key matches, else build() -> (images, labels, meta) and store it."
+def _cached(cache_dir: Path, tag: str, key: str, build, verify):
+    """Load `tag` from the cache if its key matches, the entry was written by this version's checks and its
+    arrays pass `verify` again (cheap); else build() -> (images, labels, meta), verify, and only then store it."""
     path = cache_dir / "arrays" / f"{tag}-{key}.npz"
     hit = load_cached(path)
-    if hit is not None: return hit
+    if hit is not None and hit[2].get("verified") == CACHE_VERSION:
+        try:
+            verify(*hit); return hit
+        except DatasetError:
+            pass  # an entry that no longer passes the checks is rebuilt from the source files
     images, labels, meta = build()
+    verify(images, labels, meta)  # raises: a partial or wrong decode is never cached
+    meta = dict(meta, verified=CACHE_VERSION)
     save_cached(path, images, labels, meta)
     return images, labels, meta
 
@@ -230,22 +367,36 @@ def offline_available(name: str, root) -> bool:
     if root is None or name not in OFFLINE_FILES: return False
     return all((Path(root) / OFFLINE_FILES[name][0] / f).is_file() for f in OFFLINE_FILES[name][1])
 
+def _check_published(paths, shas, root: Path):
+    "Warn for each file that passed every check but is not byte-identical to the published copy."
+    for p, sha in zip(paths, shas):
+        known = PUBLISHED_SHA256.get(p.relative_to(root).as_posix())
+        if known is not None and sha != known:
+            warnings.warn(f"{p} is not the published copy (sha256 {sha[:12]}..., published {known[:12]}...); it "
+                          "passed every check of counts, classes and labels, so it is used. If you did not make "
+                          "this copy yourself, re-copy it.", stacklevel=3)
+
 def _load_offline(name: str, split: str, root: Path, cache_dir: Path):
     paths = _offline_paths(name, split, root)
-    if name in ("mnist", "fashion_mnist"):
+    idx = name in ("mnist", "fashion_mnist")
+    if idx:
         how = (f"the IDX files in {paths[0].parent.parent.name}/{paths[0].parent.name}/ of the offline "
                "datasets directory (lossless)")
     else:
         how = (f"the JPEG copy {paths[0].parent.name}/{paths[0].name} of the offline datasets directory "
                "(lossy: JPEG quality about 75, so pixel statistics differ slightly from the original)")
+    shas = [hashlib.sha256(p.read_bytes()).hexdigest() for p in paths]
     def build():
-        if name in ("mnist", "fashion_mnist"):
-            x, y = _read_idx_pair(paths[0].parent, split)
+        if idx:
+            x, y = read_idx_gz(paths[0])[:, None], read_idx_gz(paths[1]).astype(np.int64)
             classes = [str(i) for i in range(10)] if name == "mnist" else list(FASHION_CLASSES)
         else:
-            x, y, classes = read_jpeg_tar(paths[0])
-        return x, y, dict(classes=classes)
-    x, y, meta = _cached(cache_dir, f"offline-{name}-{split}", _files_key(paths), build)
+            x, y, classes = read_jpeg_tar(paths[0], split=split)
+        return x, y, dict(classes=classes, sources=shas)
+    def verify(x, y, meta):
+        verify_arrays(name, split, x, y, meta["classes"], paths[0], paths[-1])
+    x, y, meta = _cached(cache_dir, f"offline-{name}-{split}", _sha_key(shas), build, verify)
+    _check_published(paths, shas, root)
     return x, y, meta["classes"], how
 
 # %% ../chapters/a1_data.ipynb #a1c017
@@ -276,23 +427,39 @@ def _tv_arrays(name: str, ds):
 
 def _load_torchvision(name: str, split: str, cache_dir: Path, download: bool):
     tv_root = cache_dir / "torchvision"
-    if not download and not any(p.is_file() for p in tv_root.glob(_TV_FILES[name].format(split=split))):
+    pattern = _TV_FILES[name].format(split=split)
+    if not download and not any(p.is_file() for p in tv_root.glob(pattern)):
         raise FileNotFoundError(f"no torchvision files for {name} in {tv_root}")  # skip importing torchvision
     ds = _tv_dataset(name, split, tv_root, download)  # raises if absent and download=False
-    files = sorted(p for p in tv_root.glob(_TV_FILES[name].format(split=split)) if p.is_file())
+    files = sorted(p for p in tv_root.glob(pattern) if p.is_file())
+    remedy = (f"Nothing was loaded or cached. Delete {tv_root / pattern} and load again with download=True "
+              "(torchvision downloads it afresh), or use the offline copy (KDBOOK_DATASETS).")
     def build():
         x, y, classes = _tv_arrays(name, ds)
         return x, y, dict(classes=classes)
-    x, y, meta = _cached(cache_dir, f"torchvision-{name}-{split}", _files_key(files), build)
+    def verify(x, y, meta):
+        verify_arrays(name, split, x, y, meta["classes"], tv_root / pattern, remedy=remedy)
+    x, y, meta = _cached(cache_dir, f"torchvision-{name}-{split}", _files_key(files), build, verify)
     return x, y, meta["classes"], f"torchvision.datasets.{_TV[name]} in {tv_root}"
 
 # %% ../chapters/a1_data.ipynb #a1c018
 def _missing(name: str, detail: str) -> FileNotFoundError:
-    folder = OFFLINE_FILES.get(name, ("(no offline copy is supported for this set)",))[0]
+    if name in OFFLINE_FILES:
+        where = f"set KDBOOK_DATASETS (or pass root=) to a folder holding {OFFLINE_FILES[name][0]}/"
+    else:
+        standin = STANDINS[name][0]
+        where = (f"set KDBOOK_DATASETS (or pass root=) to a folder holding {OFFLINE_FILES[standin][0]}/ so that "
+                 f"{standin} stands in ({name} itself has no offline copy)")
     return FileNotFoundError(
-        f"dataset {name!r} not found ({detail}). Either set KDBOOK_DATASETS (or pass root=) to a folder "
-        f"holding {folder}/ as described in shared/datasets/README.md, or pass download=True on a machine "
-        f"with a network so torchvision downloads it into cache_dir/torchvision.")
+        f"dataset {name!r} not found ({detail}). Either {where}, as the datasets folder's README describes, or "
+        "pass download=True on a machine with a network so torchvision downloads it into cache_dir/torchvision.")
+
+def _no_offline(name: str, root) -> str:
+    "Why the offline route cannot serve `name`: no directory, or which of its files are missing."
+    if root is None: return "no offline datasets directory (KDBOOK_DATASETS unset or not a directory)"
+    folder, files = OFFLINE_FILES.get(name, OFFLINE_FILES.get(STANDINS.get(name, ("",))[0], ("", ())))
+    absent = [f"{folder}/{f}" for f in files if not (Path(root) / folder / f).is_file()]
+    return f"{root} lacks {', '.join(absent)}" if absent else f"no offline copy in {root}"
 
 def load_dataset(name: str,  # one of DATASETS
                  split: str,  # "train" or "test"
@@ -302,7 +469,8 @@ def load_dataset(name: str,  # one of DATASETS
                  ) -> ImageSet:
     """Load a split as a uint8 ImageSet, preferring exact copies. Order: torchvision files already in
     cache_dir; the offline datasets directory; a torchvision download (if `download`); an offline stand-in
-    (emnist -> fashion_mnist, svhn -> cifar10, recorded in `.source`). Decoded arrays are cached."""
+    (emnist -> fashion_mnist, svhn -> cifar10, recorded in `.source`). Every split is checked (whole stream,
+    counts, classes, labels) before it is used or cached; a damaged file is a DatasetError naming it."""
     if name not in DATASETS: raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     if split not in SPLITS: raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     root, cache_dir = datasets_dir(root), resolve_cache_dir(cache_dir)
@@ -310,7 +478,10 @@ def load_dataset(name: str,  # one of DATASETS
     try:  # an exact copy torchvision fetched earlier wins over the (possibly lossy) offline one
         x, y, classes, how = _load_torchvision(name, split, cache_dir, download=False)
         origin = "torchvision"
-    except (RuntimeError, FileNotFoundError, OSError):
+    except (RuntimeError, FileNotFoundError, OSError, DatasetError) as e:
+        if isinstance(e, DatasetError):  # torchvision's files are damaged: say so, and use the offline copy if any
+            if not offline_available(name, root): raise
+            warnings.warn(f"{e} Using the offline copy instead.", stacklevel=2)
         if offline_available(name, root):
             x, y, classes, how = _load_offline(name, split, root, cache_dir)
             origin = "offline"
@@ -320,13 +491,14 @@ def load_dataset(name: str,  # one of DATASETS
                 try:
                     x, y, classes, how = _load_torchvision(name, split, cache_dir, download=True)
                     origin = "torchvision"
+                except DatasetError:
+                    raise
                 except Exception as e:  # no network, host down: fall through to a stand-in or a clear error
                     tv_error = f"torchvision download failed: {type(e).__name__}: {e}"
             if x is None:
                 standin = STANDINS.get(name)
                 if standin is None or not offline_available(standin[0], root):
-                    raise _missing(name, tv_error or ("no offline copy in " + (str(root) if root else
-                                   "KDBOOK_DATASETS (unset)") + " and download=False"))
+                    raise _missing(name, tv_error or (_no_offline(name, root) + " and download=False"))
                 x, y, classes, how = _load_offline(standin[0], split, root, cache_dir)
                 why = standin[1] + (f" ({tv_error})" if tv_error else "")
                 return ImageSet(torch.from_numpy(x), torch.from_numpy(y), classes, standin[0],

@@ -11,30 +11,25 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .losses import check_labels, check_logits, check_logits_pair
+
 # %% ../chapters/11_metrics.ipynb #6b479b28
 def _check_logits(logits: torch.Tensor, name: str = "logits"):
-    "Raise a ValueError unless `logits` is a 2-D floating tensor `(n_examples, n_classes)`."
-    if not isinstance(logits, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.ndim != 2 or logits.shape[0] == 0:
-        raise ValueError(f"{name} must have shape (n_examples, n_classes) with n_examples > 0, got {tuple(logits.shape)}")
-    if not logits.is_floating_point():
-        raise ValueError(f"{name} must be floating point, got {logits.dtype}")
+    "check_logits (shared with kd_loss), and no NaN or +inf: a metric of NaN or inf logits would be NaN or wrong."
+    check_logits(logits, name)
+    if torch.isnan(logits).any() or torch.isposinf(logits).any():  # -inf is a fine logit: probability 0
+        raise ValueError(f"{name} hold NaN or +inf values (a diverged model?); no metric of them is meaningful")
 
 
 def _check_pair(teacher_logits: torch.Tensor, student_logits: torch.Tensor):
+    check_logits_pair(teacher_logits, student_logits, ("teacher_logits", "student_logits"))
     _check_logits(teacher_logits, "teacher_logits")
     _check_logits(student_logits, "student_logits")
-    if teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"teacher_logits {tuple(teacher_logits.shape)} and student_logits "
-                         f"{tuple(student_logits.shape)} must have the same shape (same examples, same classes)")
 
 
 def _check_labels(logits: torch.Tensor, labels: torch.Tensor):
     _check_logits(logits)
-    if not isinstance(labels, torch.Tensor) or labels.ndim != 1 or labels.shape[0] != logits.shape[0]:
-        raise ValueError(f"labels must be a 1-D tensor with one class index per row of logits "
-                         f"({logits.shape[0]}), got {getattr(labels, 'shape', type(labels).__name__)}")
+    check_labels(labels, logits)
 
 # %% ../chapters/11_metrics.ipynb #49914634
 def accuracy(logits: torch.Tensor,  # (n, c) logits

@@ -56,20 +56,23 @@ class PackedLinear(nn.Module):
         l = linears[0]
         self.k, self.in_features, self.out_features = len(linears), l.in_features, l.out_features
         self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in linears]), requires_grad=l.weight.requires_grad)
+        # the bias stays 1-d (k*O), like every bias and norm weight, for rules such as "no weight decay on 1-d parameters"
         self.bias = None if l.bias is None else nn.Parameter(
-            torch.stack([m.bias.detach() for m in linears]), requires_grad=l.bias.requires_grad)
+            torch.cat([m.bias.detach() for m in linears]), requires_grad=l.bias.requires_grad)
 
     def forward(self, x):
         lead = x.shape[:-1]
         x = x.reshape(-1, self.k, self.in_features).transpose(0, 1)  # (k, N, I)
+        w = self.weight.transpose(1, 2)  # (k, I, O)
         if self.bias is None:
-            y = torch.bmm(x, self.weight.transpose(1, 2))
+            y = torch.bmm(x, w)
         else:
-            y = torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))  # (k, N, O)
+            y = torch.baddbmm(self.bias.view(self.k, 1, self.out_features), x, w)  # (k, N, O)
         return y.transpose(0, 1).reshape(*lead, self.k * self.out_features)
 
     def member_state(self, i: int) -> dict:
-        return {"weight": self.weight[i]} | ({} if self.bias is None else {"bias": self.bias[i]})
+        n = self.out_features
+        return {"weight": self.weight[i]} | ({} if self.bias is None else {"bias": self.bias[i * n:(i + 1) * n]})
 
     def extra_repr(self):
         return f"k={self.k}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -188,9 +191,20 @@ def _layer_reason(name, m) -> str | None:
 
 
 def _signature(model):
-    "Everything that must agree between members: module tree, layer settings, parameter and buffer shapes."
-    return ([(n, type(m), m.extra_repr()) for n, m in model.named_modules()],
-            [(n, tuple(t.shape), t.dtype, t.device) for n, t in model.state_dict().items()])
+    "Everything that must agree between members: module tree and layer settings, parameter and buffer shapes."
+    return ([f"{n or '<root>'}: {type(m).__name__}({m.extra_repr()})" for n, m in model.named_modules()],
+            [f"{n}: {tuple(t.shape)} {t.dtype} on {t.device}" for n, t in model.state_dict().items()])
+
+
+def _first_difference(a, b) -> str:
+    "The first entry in which two signatures differ, as 'x vs y'."
+    for xs, ys in zip(a, b):
+        for x, y in zip(xs, ys):
+            if x != y:
+                return f"{y} vs {x}"
+        if len(xs) != len(ys):
+            return f"{len(ys)} vs {len(xs)} entries"
+    return "nothing"
 
 
 def can_pack(models) -> str | None:
@@ -204,9 +218,10 @@ def can_pack(models) -> str | None:
     for i, m in enumerate(models[1:], 1):
         if type(m) is not type(first):
             return f"model {i} is a {type(m).__name__}, model 0 a {type(first).__name__}: pack models of one architecture"
-        if _signature(m) != _signature(first):
-            return (f"model {i} differs from model 0 in its layers, their settings, or the shapes/dtypes/devices "
-                    f"of its parameters and buffers: pack models of one architecture")
+        sig, sig0 = _signature(m), _signature(first)
+        if sig != sig0:
+            return (f"model {i} differs from model 0 ({_first_difference(sig0, sig)}): "
+                    f"pack models of one architecture, with the same layer settings, dtype and device")
     for name, m in first.named_modules():
         reason = _layer_reason(name, m)
         if reason:
@@ -233,7 +248,8 @@ class Packed(nn.Module):
         first = _first_layer(models[0])
         names = {m: n for n, m in models[0].named_modules()}
         self.first_layer = None if first is None else names[first]  # its name: the layer that sees the input
-        self.share_conv = shared_input and isinstance(first, nn.Conv2d) and first.groups == 1
+        # the first conv also reads one un-replicated batch (B, Cin, H, W) when every member gets the same input
+        self.share_conv = isinstance(first, nn.Conv2d) and first.groups == 1
         self.net = copy.deepcopy(models[0])
         for name, m in list(self.net.named_modules()):
             if type(m) not in PACKERS:
@@ -252,27 +268,32 @@ class Packed(nn.Module):
         object.__setattr__(self, "_template", copy.deepcopy(models[0]).cpu())
         self.train(models[0].training)
 
-    def pack_input(self, x: torch.Tensor) -> torch.Tensor:
+    def pack_input(self, x: torch.Tensor,  # (k, B, C, ...) one batch per member, or (B, C, ...) shared by all
+                   shared: bool | None = None,  # x is one batch for all members; None: the model's shared_input
+                  ) -> torch.Tensor:
         "The members' inputs as one batch: (k, B, C, ...) -> (B, k*C, ...); shared: (B, C, ...) as is or repeated."
-        if self.shared_input:
+        if self.shared_input if shared is None else shared:
             if self.in_channels is not None and (x.dim() != 4 or x.shape[1] != self.in_channels):
-                raise ValueError(f"shared_input=True: expected one batch (B, {self.in_channels}, H, W) for all "
+                raise ValueError(f"shared input: expected one batch (B, {self.in_channels}, H, W) for all "
                                  f"{self.k} members, got shape {tuple(x.shape)}")
             if self.share_conv:
                 return x  # the first conv reads the single copy
             b, c, *rest = x.shape
             return x.unsqueeze(1).expand(b, self.k, c, *rest).reshape(b, self.k * c, *rest)
         if x.dim() < 3 or x.shape[0] != self.k or (self.in_channels is not None and (x.dim() != 5 or x.shape[2] != self.in_channels)):
-            want = f"({self.k}, B, {self.in_channels}, H, W)" if self.in_channels is not None else f"({self.k}, B, features)"
-            raise ValueError(f"shared_input=False: expected one batch per member, shape {want}, got {tuple(x.shape)}")
+            want = f"({self.k}, B, {self.in_channels}, H, W)" if self.in_channels is not None else f"({self.k}, B, ...)"
+            raise ValueError(f"expected one batch per member, shape {want}, got {tuple(x.shape)}")
         k, b, c, *rest = x.shape
         if x.dim() == 5 and x[0].is_contiguous(memory_format=torch.channels_last) and not x[0].is_contiguous():
             # NHWC members -> one NHWC batch: channels of member i at [i*C, (i+1)*C) of each pixel
             return x.permute(1, 3, 4, 0, 2).reshape(b, *rest, k * c).permute(0, 3, 1, 2)
         return x.transpose(0, 1).reshape(b, k * c, *rest)
 
-    def forward(self, x):
-        y = self.net(self.pack_input(x))  # (B, k*O)
+    def forward(self, x: torch.Tensor,  # (k, B, C, H, W), or (B, C, H, W) with shared_input
+                shared: bool | None = None,  # override shared_input for this call (e.g. k students on one test batch)
+               ) -> torch.Tensor:
+        "The k members' outputs, (k, B, num_outputs)."
+        y = self.net(self.pack_input(x, shared))  # (B, k*O)
         return y.reshape(y.shape[0], self.k, -1).transpose(0, 1)  # (k, B, O)
 
     def _leaves(self):
@@ -310,16 +331,18 @@ class Packed(nn.Module):
     def load_state_dicts(self, states: list) -> None:
         "Load k ordinary state dicts (the inverse of state_dicts()); keys and shapes are checked first."
         self.check_state_dicts(states)
+        bns = [(f"{n}.num_batches_tracked" if n else "num_batches_tracked", m) for n, m in self._leaves()
+               if isinstance(m, _PackedBatchNorm) and m.track_running_stats]
+        for key, m in bns:  # checked before anything is written
+            counts = [int(sd[key]) for sd in states]
+            if m.momentum is None and len(set(counts)) > 1:
+                raise ValueError(f"{key}: BatchNorm with momentum=None averages over num_batches_tracked, which "
+                                 f"differs between the state dicts ({counts}): they cannot share one layer")
         for i, sd in enumerate(states):
             for key, view in self._member_views(i).items():
                 view.copy_(sd[key])
-        for _, m in self._leaves():
-            if isinstance(m, _PackedBatchNorm) and m.track_running_stats:
-                counts = m.member_batches_tracked
-                if m.momentum is None and not bool((counts == counts[0]).all()):
-                    raise ValueError(f"BatchNorm with momentum=None: num_batches_tracked differs between members "
-                                     f"({counts.tolist()})")
-                m.num_batches_tracked.copy_(counts.max())
+        for _, m in bns:
+            m.num_batches_tracked.copy_(m.member_batches_tracked.max())
 
     def unpack(self) -> list:
         "k new ordinary modules (copies of the original architecture) with the packed weights and buffers."

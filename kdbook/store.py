@@ -424,6 +424,10 @@ def save_weights(self: Store, name: str,  # the experiment's name
     state = model.state_dict() if hasattr(model, "state_dict") else model
     tensors = {k: (v.detach().to("cpu", torch.float16) if v.is_floating_point() else v.detach().to("cpu")).contiguous()
                for k, v in state.items()}
+    for k, v in state.items():
+        if v.is_floating_point() and not torch.isfinite(tensors[k]).all():
+            raise ValueError(f"save_weights({name!r}, {key!r}): tensor {k} is not finite in float16 "
+                             f"(largest magnitude {v.detach().abs().max().item():.3g}; float16 holds up to 65504)")
     data = save(tensors)
     atomic_write_bytes(path, data)
     return {"path": path.relative_to(self.root).as_posix(), "sha256": hashlib.sha256(data).hexdigest(),

@@ -157,3 +157,32 @@ def test_same_on_cuda(policy):
     a = augment(X, policy, g(5), **KW.get(policy, {}))
     b = augment(X.cuda(), policy, g(5), **kw)
     assert b.device.type == "cuda" and torch.allclose(a, b.cpu(), atol=1e-4)
+
+
+@pytest.mark.parametrize("policy,kw,words", [
+    ("baseline", dict(padding=-1), "padding must be an integer >= 0"),
+    ("baseline", dict(padding=2.5), "padding must be an integer"),
+    ("rotation", dict(degrees=float("nan")), "degrees must be a finite number in [0, 180]"),
+    ("rotation", dict(degrees=float("inf")), "degrees must be a finite number"),
+    ("rotation", dict(degrees=-5), "degrees"),
+    ("noise", dict(p=1.5), "p must be a finite number in [0, 1]"),
+    ("noise", dict(p=-0.1), "p must be"),
+    ("noise", dict(p=float("nan")), "p must be"),
+    ("color_jitter", dict(hue=0.7), "hue must be a finite number in [0, 0.5]"),
+    ("color_jitter", dict(brightness=True), "brightness"),
+    ("ood", dict(pool=torch.zeros(4, 3, 8, 8), ratio=-0.25), "ratio must be a finite number >= 0"),
+    ("baseline", dict(paddding=4), "policy 'baseline' takes no option paddding; its options: padding"),
+    ("vflip", dict(p=0.5), "takes no option p; its options: none"),
+])
+def test_out_of_range_settings_are_refused(policy, kw, words):
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    with pytest.raises(ValueError) as e:
+        augment(x, policy, torch.Generator().manual_seed(0), **kw)
+    assert words in str(e.value), str(e.value)
+
+
+def test_flip_helpers_refuse_bad_probabilities():
+    x, g = torch.zeros(2, 1, 4, 4), torch.Generator().manual_seed(0)
+    for fn in (random_hflip, random_vflip):
+        with pytest.raises(ValueError, match=r"p must be a finite number in \[0, 1\]"):
+            fn(x, g, p=2.0)

@@ -123,3 +123,25 @@ def test_no_raw_markup_in_any_page_text(browser, served_book, built_book):
                 found.append(f"{rel}: {what}: …{text[max(0, m.start() - 60):m.end() + 60]!r}…")
         page.close()
     assert not found, "raw markup in rendered pages:\n" + "\n".join(found[:30])
+
+
+def test_no_page_of_the_book_requests_anything_from_outside(browser, served_book, built_book):
+    """Every page of the built book (chapters, index, search, genindex...) is opened; every request it makes,
+    scripts, styles, images and fonts included, must go to the book's own server (outside ones are aborted
+    and listed)."""
+    pages = sorted(p.relative_to(built_book.html).as_posix() for p in built_book.html.rglob("*.html")
+                   if not any(part.startswith("_") for part in p.relative_to(built_book.html).parts[:-1]))
+    assert len(pages) >= 10, pages
+    outside = {}
+    for rel in pages:
+        page = browser.new_page()
+        requests = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(served_book)
+                   else route.abort())
+        page.goto(f"{served_book}/{rel}", wait_until="networkidle")
+        bad = [u for u in requests if not u.startswith((served_book + "/", "data:", "blob:", "about:"))]
+        if bad:
+            outside[rel] = sorted(set(bad))
+        page.close()
+    assert not outside, f"pages requesting addresses outside the book: {outside}"

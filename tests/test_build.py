@@ -109,3 +109,93 @@ def test_rerun_is_served_from_the_store(built_book, tmp_path):
     assert lines and all(l.startswith("store: reused") for l in lines), lines
     after = {p: p.stat().st_mtime_ns for p in built_book.results.rglob("*.json")}
     assert after == records, "re-running the chapter rewrote or added records"
+
+
+# ---------- strictness: tiny fake books built with --no-html (no full build needed) ----------
+def _fake_book(root: Path, body: str, params: str = 'profile = "smoke"\nresults_dir = "../results"\nseed = 0\n'
+               'rate = 0.5\nverbose = False\nname = "x"') -> Path:
+    "A one-chapter book whose chapter has a `parameters` cell and then `body`."
+    import nbformat
+    (root / "chapters").mkdir(parents=True)
+    (root / "results").mkdir()
+    (root / "_config.yml").write_text("title: fake\n")
+    (root / "_toc.yml").write_text("format: jb-book\nroot: chapters/c\n")
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": "kdbook", "display_name": "kdbook", "language": "python"}
+    p = nbformat.v4.new_code_cell(params)
+    p.metadata["tags"] = ["parameters"]
+    nb.cells = [p, nbformat.v4.new_code_cell("import os, sys, time"), nbformat.v4.new_code_cell(body)]
+    nbformat.write(nb, root / "chapters" / "c.ipynb")
+    return root
+
+
+def _build(root: Path, *args, timeout=300):
+    cmd = [sys.executable, str(REPO / "tools" / "build_book.py"), "--root", str(root), "--build-dir",
+           str(root / "_build"), "--profile", "smoke", "--no-html", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args,words", [
+    (["-p", "sed", "3"], "no chapter built here has a parameter 'sed' (did you mean seed?); the parameters of c are: "
+                         "name, profile, rate, results_dir, seed, verbose"),
+    (["-p", "seed", "abc"], "c's parameter seed (default 0) expects an integer"),
+    (["-p", "rate", "nan"], "expects a finite number"),
+    (["-p", "verbose", "no"], "expects True or False"),
+    (["-p", "profile", "fast"], "unknown profile; use one of smoke, quick, paper"),
+])
+def test_a_bad_parameter_fails_before_anything_runs(tmp_path, args, words):
+    root = _fake_book(tmp_path / "book", 'open("../results/ran", "w").write("yes")')
+    proc = _build(root, *args)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert words in proc.stderr and "nothing was executed" in proc.stderr, proc.stderr
+    assert not (root / "results" / "ran").exists() and not (root / "_build" / "logs").exists()
+
+
+def test_a_python_exception_is_not_retried_and_names_the_cell(tmp_path):
+    root = _fake_book(tmp_path / "book", 'raise ValueError("deterministic")')
+    proc = _build(root)
+    assert proc.returncode == 1
+    assert "not retried" in proc.stderr and "Python exception in cell 2" in proc.stderr, proc.stderr
+    assert "ValueError: deterministic" in proc.stderr
+    assert (root / "_build" / "logs" / "c.log").read_text().count("attempt ") == 1
+
+
+def test_kernel_death_is_reported_as_such_and_retried_once(tmp_path):
+    root = _fake_book(tmp_path / "book", "os._exit(1)")
+    proc = _build(root)
+    assert proc.returncode == 1
+    assert "failed twice" in proc.stderr and "kernel died" in proc.stderr and "cell 2" in proc.stderr, proc.stderr
+
+
+def test_a_cell_time_out_is_reported_as_such(tmp_path):
+    root = _fake_book(tmp_path / "book", "time.sleep(60)")
+    proc = _build(root, "--timeout", "3")
+    assert proc.returncode == 1
+    assert "cell time-out: cell 2" in proc.stderr and "--timeout 3 s" in proc.stderr, proc.stderr
+
+
+def test_thread_count_is_fixed_whatever_jobs_and_records_are_listed(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "7")  # the build's own setting wins over the caller's
+    root = _fake_book(tmp_path / "book", 'import torch\nopen("../results/threads.txt", "w").write('
+                      'f"{torch.get_num_threads()} {os.environ[\'OMP_NUM_THREADS\']}")')
+    seen = []
+    for jobs in ("1", "2"):
+        proc = _build(root, "--jobs", jobs)
+        assert proc.returncode == 0, proc.stderr
+        seen.append((root / "results" / "threads.txt").read_text())
+    assert seen == ["1 1", "1 1"]
+    assert "1 thread(s) per chapter" in proc.stdout
+    assert "records recomputed: 0 new, 1 rewritten" in proc.stdout and "rewritten: threads.txt" in proc.stdout
+
+
+def test_a_failed_build_does_not_leave_old_html_looking_current(tmp_path):
+    root = _fake_book(tmp_path / "book", 'raise RuntimeError("boom")')
+    old = root / "_build" / "html"
+    old.mkdir(parents=True)
+    (old / "index.html").write_text("<p>old</p>")
+    cmd = [sys.executable, str(REPO / "tools" / "build_book.py"), "--root", str(root), "--build-dir",
+           str(root / "_build"), "--profile", "smoke"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert not old.exists(), "the previous HTML is still where the book is served from"
+    assert (root / "_build" / "html.stale" / "STALE.txt").exists() and "html.stale" in proc.stderr

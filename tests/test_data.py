@@ -119,10 +119,14 @@ def test_cache_reused_and_rebuilt_when_corrupt(tmp_path, monkeypatch):
     files[0].write_bytes(files[0].read_bytes()[:1000])
     assert load_cached(files[0]) is None
     assert torch.equal(load_dataset("mnist", "test", root=root, cache_dir=cache).images, a.images)
-    # the key follows the source file: a touched file gives a new cache entry
+    # the key is the sha256 of the verified source files: a touched file keeps its entry, other bytes get a new one
     src = root / "MNIST" / "raw" / "t10k-images-idx3-ubyte.gz"
     os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
     load_dataset("mnist", "test", root=root, cache_dir=cache)
+    assert len(list((cache / "arrays").glob("offline-mnist-test-*.npz"))) == 1
+    src.write_bytes(gzip.compress(gzip.decompress(src.read_bytes()), compresslevel=1))  # same images, other bytes
+    with pytest.warns(UserWarning, match="not the published copy"):
+        load_dataset("mnist", "test", root=root, cache_dir=cache)
     assert len(list((cache / "arrays").glob("offline-mnist-test-*.npz"))) == 2
     assert not list((cache / "arrays").glob("*.tmp"))  # atomic writes leave no temp files
 
@@ -167,7 +171,15 @@ def _fake_cifar_root(root: Path):
     return root
 
 
-def test_offline_cifar_and_svhn_standin(tmp_path):
+@pytest.fixture
+def tiny_cifar(monkeypatch):
+    "Expect the hand-built tiny CIFAR tarballs (3 images, 2 classes) instead of the real sets' counts."
+    for name in ("cifar10", "cifar100"):
+        for split in ("train", "test"):
+            monkeypatch.setitem(D.EXPECTED, (name, split), D.Expected(3, (3, 32, 32), 2, (2, 1), ("apple", "cat")))
+
+
+def test_offline_cifar_and_svhn_standin(tmp_path, tiny_cifar):
     root, cache = _fake_cifar_root(tmp_path / "ds"), tmp_path / "cache"
     c = load_dataset("cifar100", "train", root=root, cache_dir=cache)
     assert c.classes == ["apple", "cat"] and c.labels.tolist() == [0, 0, 1] and c.origin == "offline"
@@ -175,7 +187,7 @@ def test_offline_cifar_and_svhn_standin(tmp_path):
     assert s.name == "cifar10" and "stand-in" in s.source and "SVHN" in s.source
 
 
-def test_env_var_is_used(tmp_path, monkeypatch):
+def test_env_var_is_used(tmp_path, monkeypatch, tiny_cifar):
     root = _fake_cifar_root(tmp_path / "ds")
     monkeypatch.setenv("KDBOOK_DATASETS", str(root))
     assert datasets_dir() == root
@@ -228,6 +240,7 @@ class _FakeSVHN:
 
 
 def test_download_true_calls_torchvision_with_download(tmp_path, monkeypatch):
+    monkeypatch.setitem(D.EXPECTED, ("svhn", "train"), D.Expected(8, (3, 32, 32), 10))
     calls = []
     def fake(name, split, tv_root, download):
         calls.append((name, split, Path(tv_root), download))
@@ -239,7 +252,7 @@ def test_download_true_calls_torchvision_with_download(tmp_path, monkeypatch):
     assert s.origin == "torchvision" and s.name == "svhn" and len(s) == 8 and s.images.shape[1:] == (3, 32, 32)
 
 
-def test_download_failure_falls_back_to_standin(tmp_path, monkeypatch):
+def test_download_failure_falls_back_to_standin(tmp_path, monkeypatch, tiny_cifar):
     def offline(*a, **k): raise RuntimeError("network unreachable")
     monkeypatch.setattr(D, "_tv_dataset", offline)
     root = _fake_cifar_root(tmp_path / "ds")
@@ -284,3 +297,170 @@ def test_stratified_subset_errors():
         stratified_subset(torch.tensor([0, 0, 0, 1]), 4, seed=0)  # class 1 cannot give 2 examples
     with pytest.raises(ValueError, match="n must be"):
         stratified_subset(torch.tensor([0, 0, 1]), 0, seed=0)
+
+
+# ---------- damaged copies: every fault is a DatasetError naming the file, and nothing is cached ----------
+MN = "MNIST/raw/"
+
+
+def _regz(path: Path, edit):
+    "Rewrite a gzip file's decompressed content with `edit(bytearray) -> bytes` (a valid gzip stream again)."
+    path.write_bytes(gzip.compress(bytes(edit(bytearray(gzip.decompress(path.read_bytes()))))))
+
+
+def _flip(path: Path, frac=0.5, n=64):
+    b = bytearray(path.read_bytes())
+    i = int(len(b) * frac)
+    b[i:i + n] = bytes(255 - x for x in b[i:i + n])
+    path.write_bytes(bytes(b))
+
+
+def _set_label(b, i, v):
+    b[8 + i] = v
+    return b
+
+
+def _cut_to(n, item):
+    return lambda b: b[:4] + n.to_bytes(4, "big") + b[8:8 + 4 * (b[3] - 1) + n * item]
+
+
+IDX_FAULTS = {  # fault -> (file it damages, how, words the error must hold)
+    "truncated": ("t10k-images-idx3-ubyte.gz", lambda p: p.write_bytes(p.read_bytes()[:700_000]), "truncated"),
+    "bytes flipped mid-stream": ("t10k-images-idx3-ubyte.gz", _flip, "CRC check failed"),
+    "not gzip": ("t10k-images-idx3-ubyte.gz", lambda p: p.write_bytes(gzip.decompress(p.read_bytes())), "gzip"),
+    "label out of range": ("t10k-labels-idx1-ubyte.gz", lambda p: _regz(p, lambda b: _set_label(b, 5, 12)),
+                           "outside 0..9"),
+    "label changed in range": ("t10k-labels-idx1-ubyte.gz", lambda p: _regz(p, lambda b: _set_label(b, 0, 1)),
+                               "wrong number of examples"),
+    "labels of the other split": ("t10k-labels-idx1-ubyte.gz",
+                                  lambda p: shutil.copy(p.with_name("train-labels-idx1-ubyte.gz"), p),
+                                  "60000 labels for 10000 images"),
+    "9000 images and labels": ("t10k-images-idx3-ubyte.gz", lambda p: (
+        _regz(p, _cut_to(9000, 784)), _regz(p.with_name("t10k-labels-idx1-ubyte.gz"), _cut_to(9000, 1))),
+        "holds 9,000 mnist test images"),
+    "header promises more than it holds": ("t10k-images-idx3-ubyte.gz", lambda p: _regz(p, lambda b: b[:-784]),
+                                           "its header promises"),
+}
+
+
+@needs_data
+@pytest.mark.parametrize("fault", sorted(IDX_FAULTS))
+def test_damaged_idx_copy_is_an_error_naming_the_file(tmp_path, fault):
+    fname, damage, words = IDX_FAULTS[fault]
+    root, cache = _copy_mnist(tmp_path / "ds"), tmp_path / "cache"
+    damage(root / MN / fname)
+    with pytest.raises(D.DatasetError) as e:
+        load_dataset("mnist", "test", root=root, cache_dir=cache)
+    msg = str(e.value)
+    assert str(root / MN / fname) in msg and words in msg, msg
+    assert "Re-copy" in msg and "download=True" in msg and "BytesIO" not in msg
+    assert not list(cache.rglob("*.npz")), "a damaged split was cached"
+
+
+def _repack(path: Path, keep=lambda name: True, edit=lambda name, data: data):
+    out = io.BytesIO()
+    with tarfile.open(path) as src, tarfile.open(fileobj=out, mode="w:gz") as dst:
+        for m in src:
+            if not keep(m.name): continue
+            data = src.extractfile(m).read() if m.isfile() else None
+            if data is None:
+                dst.addfile(m)
+                continue
+            data = edit(m.name, data)
+            m.size = len(data)
+            dst.addfile(m, io.BytesIO(data))
+    path.write_bytes(out.getvalue())
+
+
+TAR_FAULTS = {
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:1_500_000]), "truncated"),
+    "bytes flipped mid-stream": (lambda p: _flip(p, 0.4), "CRC check failed"),
+    "class folder missing": (lambda p: _repack(p, keep=lambda n: "/cat" not in n), "holds 9,000 cifar10 test images"),
+    "unreadable JPEG": (lambda p: _repack(p, edit=lambda n, d: b"garbage" * 50 if n.endswith("dog/0007.jpg") else d),
+                        "member dog/0007.jpg is not a readable JPEG"),
+}
+
+
+@needs_data
+@pytest.mark.parametrize("fault", sorted(TAR_FAULTS))
+def test_damaged_cifar_tar_copy_is_an_error_naming_the_file(tmp_path, fault):
+    damage, words = TAR_FAULTS[fault]
+    tar = tmp_path / "ds" / "CIFAR10-JPEG" / "test.tar.gz"
+    shutil.copytree(ROOT / "CIFAR10-JPEG", tar.parent)
+    damage(tar)
+    cache = tmp_path / "cache"
+    with pytest.raises(D.DatasetError) as e:
+        load_dataset("cifar10", "test", root=tmp_path / "ds", cache_dir=cache)
+    msg = str(e.value)
+    assert str(tar) in msg and words in msg and "download=True" in msg and "BytesIO" not in msg, msg
+    assert not list(cache.rglob("*.npz"))
+
+
+def test_renamed_class_folder_is_refused(tmp_path, monkeypatch):
+    "A renamed folder would shift every later label: the class names must be the set's own."
+    monkeypatch.setitem(D.EXPECTED, ("cifar10", "test"), D.Expected(3, (3, 32, 32), 2, (2, 1), ("apple", "cat")))
+    for split in ("train", "test"):
+        _tar(tmp_path / "ds" / "CIFAR10-JPEG" / f"{split}.tar.gz", split,
+             {"kat": [("1.jpg", (10, 20, 30))], "apple": [("2.jpg", (0, 0, 0)), ("1.jpg", (0, 0, 0))]})
+    with pytest.raises(D.DatasetError, match="missing cat, unexpected kat"):
+        load_dataset("cifar10", "test", root=tmp_path / "ds", cache_dir=tmp_path / "cache")
+
+
+def test_tar_of_the_wrong_split_is_refused(tmp_path, tiny_cifar):
+    root = _fake_cifar_root(tmp_path / "ds")
+    shutil.copy(root / "CIFAR10-JPEG" / "train.tar.gz", root / "CIFAR10-JPEG" / "test.tar.gz")
+    with pytest.raises(D.DatasetError, match="is not test/<class>/<file>.jpg"):
+        load_dataset("cifar10", "test", root=root, cache_dir=tmp_path / "cache")
+
+
+@needs_data
+def test_missing_split_file_is_named(tmp_path):
+    shutil.copytree(ROOT / "MNIST", tmp_path / "ds" / "MNIST")
+    (tmp_path / "ds" / MN / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks MNIST/raw/t10k-labels-idx1-ubyte.gz"):
+        load_dataset("mnist", "train", root=tmp_path / "ds", cache_dir=tmp_path / "cache")
+
+
+def test_svhn_message_reads_correctly(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError) as e:
+        load_dataset("svhn", "test", root=tmp_path / "empty", cache_dir=tmp_path / "cache")
+    msg = str(e.value)
+    assert "CIFAR10-JPEG/ so that cifar10 stands in (svhn itself has no offline copy)" in msg, msg
+    assert "no offline copy is supported" not in msg and "shared/" not in msg
+
+
+@needs_data
+def test_a_different_but_valid_copy_is_used_with_a_warning(tmp_path):
+    root = _copy_mnist(tmp_path / "ds")
+    p = root / MN / "t10k-labels-idx1-ubyte.gz"
+    p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes()), compresslevel=1))  # same content, other bytes
+    with pytest.warns(UserWarning, match="not the published copy"):
+        s = load_dataset("mnist", "test", root=root, cache_dir=tmp_path / "cache")
+    assert len(s) == 10000
+
+
+@needs_data
+def test_cache_entry_not_written_by_these_checks_is_rebuilt(tmp_path):
+    "A cache entry that lacks this version's `verified` mark, or fails the checks, is never returned."
+    root, cache = _copy_mnist(tmp_path / "ds"), tmp_path / "cache"
+    good = load_dataset("mnist", "test", root=root, cache_dir=cache)
+    (entry,) = (cache / "arrays").glob("offline-mnist-test-*.npz")
+    x, y, meta = load_cached(entry)
+    for poisoned in (dict(meta, verified=1), meta):  # written by older code; or marked but partial
+        D.save_cached(entry, x[:4000], y[:4000], poisoned)
+        again = load_dataset("mnist", "test", root=root, cache_dir=cache)
+        assert torch.equal(again.images, good.images) and len(again) == 10000
+        assert len(load_cached(entry)[0]) == 10000  # rebuilt from the verified files
+
+
+@needs_data
+def test_datasets_env_pointing_nowhere_does_not_block_torchvision(tmp_path, monkeypatch):
+    raw = tmp_path / "cache" / "torchvision" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for gz in (ROOT / "MNIST" / "raw").glob("*.gz"):
+        (raw / gz.name[:-3]).write_bytes(gzip.decompress(gz.read_bytes()))
+    monkeypatch.setenv("KDBOOK_DATASETS", str(tmp_path / "nowhere"))
+    with pytest.warns(UserWarning, match="KDBOOK_DATASETS=.*nowhere is not a directory"):
+        s = load_dataset("mnist", "test", cache_dir=tmp_path / "cache")
+    assert s.origin == "torchvision" and len(s) == 10000

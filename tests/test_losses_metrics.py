@@ -1,5 +1,6 @@
 """kdbook.losses and kdbook.metrics against independent references (scipy, torchmetrics, numpy, hand)."""
 import math
+import re
 
 import numpy as np
 import pytest
@@ -195,3 +196,45 @@ def test_cka_invariances_and_errors():
             f(_t(x), _t(y[:40]))
     with pytest.raises(ValueError, match="sigma_frac"):
         cka_rbf(_t(x), _t(y), sigma_frac=-1.0)
+
+
+# ---------------------------------------------------------------- bad labels, empty batches, extreme tau
+@pytest.mark.parametrize("labels,words", [
+    (torch.tensor([0, 1, 2, 10]), "outside the 10 classes"), (torch.tensor([0, 1, -1, 3]), "labels run from -1"),
+    (torch.tensor([0.0, 1.0, 2.0, 3.0]), "integer class indices"), (torch.tensor([0, 1]), "labels must have shape (4,)"),
+])
+def test_labels_are_checked_by_kd_loss_and_metrics(labels, words):
+    from kdbook.metrics import accuracy, ece, nll
+    zs, zt = _t(_logits(0, n=4)), _t(_logits(1, n=4))
+    calls = [lambda: kd_loss(zs, zt, labels, alpha=0.5), lambda: accuracy(zs, labels), lambda: nll(zs, labels),
+             lambda: ece(zs, labels)]
+    for call in calls:
+        with pytest.raises(ValueError) as e:
+            call()
+        assert words in str(e.value), str(e.value)
+
+
+def test_empty_batches_are_refused():
+    from kdbook.metrics import accuracy, predictive_kl, top1_agreement
+    z, y = torch.zeros(0, 10), torch.zeros(0, dtype=torch.long)
+    for call in (lambda: kd_loss(z, z), lambda: accuracy(z, y), lambda: top1_agreement(z, z),
+                 lambda: predictive_kl(z, z)):
+        with pytest.raises(ValueError, match="batch > 0"):
+            call()
+
+
+@pytest.mark.parametrize("tau", [1e-40, 1e25])
+def test_tau_so_extreme_that_the_loss_is_not_finite_is_refused(tau):
+    zs, zt = torch.randn(8, 10), torch.randn(8, 10)  # float32, as in training
+    with pytest.raises(ValueError, match=re.escape(f"at tau={tau}: tau is too extreme")):
+        kd_loss(zs, zt, tau=tau)
+    assert torch.isfinite(kd_loss(zs, zt, tau=1e-3)) and torch.isfinite(kd_loss(zs, zt, tau=1e3))
+
+
+def test_nan_logits_are_named():
+    from kdbook.metrics import nll
+    z = torch.full((4, 10), float("nan"))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        kd_loss(z, z)
+    with pytest.raises(ValueError, match="NaN"):
+        nll(z, torch.zeros(4, dtype=torch.long))

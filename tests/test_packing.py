@@ -74,6 +74,8 @@ def test_forward_equals_separate(name, k):
             y = packed(x)
             assert y.shape == (k, 4, 10)
             _close(y, torch.stack([m(x if shared else x[i]) for i, m in enumerate(models)]))
+            if not shared and train is False:  # k students evaluated on one batch
+                _close(packed(x[0], shared=True), torch.stack([m(x[0]) for m in models]))
         # both train-mode passes updated the BatchNorm statistics of packed and separate alike
         _assert_states_close(packed.state_dicts(), models)
 
@@ -216,10 +218,12 @@ def test_errors_name_the_problem():
         pack([])
     with pytest.raises(ValueError, match="Sequential.*PreResNet|PreResNet.*Sequential"):
         pack([lenet5(), resnet20()])
-    with pytest.raises(ValueError, match="differs from model 0"):
+    with pytest.raises(ValueError, match=r"model 1 differs from model 0 \(fc: Linear\(.*out_features=100.* vs .*out_features=10,"):
         pack([resnet20(10), resnet20(100)])
-    with pytest.raises(ValueError, match="differs from model 0"):
+    with pytest.raises(ValueError, match="differs from model 0.*GroupNorm.* vs .*BatchNorm2d"):
         pack([resnet20(10, norm="batch"), resnet20(10, norm="layer")])
+    with pytest.raises(ValueError, match="differs from model 0.*float64"):
+        pack([lenet5(), lenet5().double()])
     with pytest.raises(ValueError, match="list of nn.Module"):
         pack(lenet5())
     with pytest.raises(ValueError, match="MultiheadAttention"):
@@ -234,7 +238,7 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"\(3, B, 3, H, W\)"):
         packed(torch.randn(4, 3, 32, 32))
     teacher = pack([resnet20(10, width=4) for _ in range(3)], shared_input=True)
-    with pytest.raises(ValueError, match=r"shared_input=True.*\(B, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"shared input.*\(B, 3, H, W\)"):
         teacher(torch.randn(3, 4, 3, 32, 32))
     states = packed.state_dicts()
     with pytest.raises(ValueError, match="list of 3 state dicts"):
@@ -248,3 +252,40 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="copy_to needs a list of 3"):
         packed.copy_to([resnet20(10, width=4)])
     assert can_pack([resnet20(10, width=4)] * 2) is None
+
+
+def test_mlp_with_batchnorm1d_and_linear_first():
+    """A network whose first weight layer is a Linear (inputs replicated for shared_input) with BatchNorm1d."""
+    torch.manual_seed(0)
+    models = [nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3))
+              for _ in range(3)]
+    for shared in (False, True):
+        packed = pack(models, shared_input=shared).train()
+        x = torch.randn(5, 3, 2, 2) if shared else torch.randn(3, 5, 3, 2, 2)
+        _close(packed(x), torch.stack([m.train()(x if shared else x[i]) for i, m in enumerate(models)]))
+        _assert_states_close(packed.state_dicts(), models)
+
+
+def test_parameters_keep_their_names_and_bias_stays_1d():
+    """Optimizer rules by name or by ndim (e.g. no weight decay on biases and norm weights) still apply."""
+    models, _ = _members("resnet20", 3)
+    packed = pack(models)
+    names = [n.removeprefix("net.") for n, _ in packed.named_parameters()]
+    assert names == [n for n, _ in models[0].named_parameters()]
+    ndims = {n.removeprefix("net."): p.ndim for n, p in packed.named_parameters()}
+    assert ndims == {n: p.ndim for n, p in models[0].named_parameters()} | {"fc.weight": 3}
+
+
+def test_batchnorm_counters_per_member_and_momentum_none():
+    models, shape = _members("resnet20", 2)
+    models[1].train()(torch.randn(2, *shape))  # member 1 has seen one batch more
+    packed = pack(models)
+    assert [s["bn.num_batches_tracked"].item() for s in packed.state_dicts()] == [0, 1]
+    packed.train()(torch.randn(2, 2, *shape))
+    assert [s["bn.num_batches_tracked"].item() for s in packed.state_dicts()] == [1, 2]
+    for m in models:
+        for b in m.modules():
+            if isinstance(b, nn.BatchNorm2d):
+                b.momentum = None  # cumulative average: the shared counter would be wrong for one member
+    with pytest.raises(ValueError, match="momentum=None"):
+        pack(models)

@@ -218,3 +218,35 @@ def test_sweep_local_at_smoke_and_no_slurm(tmp_path):
     if shutil.which("sinfo") is None:
         res = subprocess.run([*cmd[:3], "slurm", *cmd[4:]], capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and "no SLURM" in res.stderr
+
+
+def test_make_targets_report_bad_input():
+    for args, msg in [(["gpu", "BUDGET_MIN=0"], "budget must be > 0"), (["gpu", "CHAPTERS=nope"], "unknown chapter"),
+                      (["gpu-import"], "give ARCHIVE="), (["gpu-import", "ARCHIVE=/nonexistent"], "no such archive")]:
+        res = subprocess.run(["make", "-s", "-C", str(REPO), *args], capture_output=True, text=True, timeout=120)
+        assert res.returncode != 0 and msg in res.stderr, (args, res.stderr)
+
+
+def test_profiles_published_and_target(tmp_path):
+    sys.path.insert(0, str(REPO / "tools"))
+    from build_book import BuildError, chapter_profiles
+    from owed import OwedError, select
+    (tmp_path / "profiles.yml").write_text("default: smoke\nchapters:\n  a: quick\n"
+                                           "  b: {published: smoke, target: paper, stores: [x]}\n")
+    of = chapter_profiles(tmp_path, None)
+    assert (of("a"), of("b"), of("c")) == ("quick", "smoke", "smoke")
+    for bad in ("{published: smoke, target: fast}", "{target: quick}", "{published: smoke, extra: 1}"):
+        (tmp_path / "profiles.yml").write_text(f"chapters:\n  b: {bad}\n")
+        with pytest.raises(BuildError, match="b: "):
+            chapter_profiles(tmp_path, None)
+    # the owed chapters of this repository: target not yet published, in book order
+    owed_now = select(REPO, None, None)
+    plan = yaml_load(REPO / "profiles.yml")["chapters"]
+    assert all(isinstance(plan[s], dict) and plan[s]["target"] == p != plan[s]["published"] for s, p in owed_now)
+    with pytest.raises(OwedError, match="unknown chapter"):
+        select(REPO, ["a3_trainin"], None)
+
+
+def yaml_load(path):
+    import yaml
+    return yaml.safe_load(Path(path).read_text())

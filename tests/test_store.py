@@ -307,3 +307,12 @@ def test_legacy_record_older_than_its_dependency_is_stale(tmp_path):
         new = store.run("student", {"e": 1}, fn, seed=0, depends=[teacher])
     assert fn.calls == 2 and new["meta"]["depends"] and new["checksum"] != old_student["checksum"]
     assert "1 stale" in store.summary("student")
+
+
+def test_weights_outside_float16_range_refused(tmp_path):
+    store, net = Store(tmp_path / "results"), torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        net.weight[0, 0] = 1e6
+    with pytest.raises(ValueError, match="not finite in float16"):
+        store.save_weights("t", "0123456789abcdef", net)
+    assert not list((tmp_path / "results").rglob("*.safetensors"))

@@ -8,10 +8,17 @@ Steps
 1. Read `_toc.yml` (book order). Every `.ipynb` chapter is executed by papermill with the
    `kdbook` kernel, cwd = `chapters/` of the book root (so `../results` and `../data` resolve
    to the repository's results store and data cache), `-p profile <profile>`, any `-p name value`
-   overrides, and `-p results_dir DIR` when `--results` is given. A failing chapter is retried
-   once; a second failure stops the build with the chapter and the failing cell named.
-   Chapters are independent, so `--jobs` of them (default 2) run side by side, each with
-   OMP_NUM_THREADS=1 (unless set) so that they do not oversubscribe the cores.
+   overrides, and `-p results_dir DIR` when `--results` is given. Before anything runs, every
+   `-p NAME VALUE` is checked against the `parameters` cell of the chapters it goes to (a
+   misspelt name, or a value of the wrong type, fails the build naming the real parameters),
+   and every profile must be one of smoke, quick, paper.
+   A chapter whose cell raises a Python exception fails at once (it would fail again); a kernel
+   death or a cell time-out (which may be papermill's rare hang) is retried once; either way
+   the failure is reported as what it was, with the chapter and the cell.
+   Every chapter runs with the same fixed thread count (`--threads`, default 1: OMP, MKL and
+   OpenBLAS threads, hence torch's), whatever `--jobs`, so that a record computed by
+   `--only X` and by a whole build is the same number. Chapters are independent, so `--jobs`
+   of them (default 2) run side by side.
 2. Executed copies go to a staging tree `<build-dir>/src/` together with `_config.yml`,
    `_toc.yml`, the markdown chapters and `book/` (vendored JS, static files).
 3. Post-processing of the executed copies (nbdev directives are comments to Jupyter Book):
@@ -25,7 +32,11 @@ Steps
    - markdown outputs that begin with `---` (nbdev `show_doc`) are dropped: docutils rejects a
      transition at the start of a document fragment.
 4. `jupyter-book build` of the staging tree, notebooks not re-executed (`execute_notebooks: off`),
-   strict: `-W -n --keep-going`. HTML lands in `<build-dir>/html` (default `_build/html`).
+   strict: `-W -n --keep-going`. HTML lands in `<build-dir>/html` (default `_build/html`). The
+   previous HTML is moved to `<build-dir>/html.stale` (with a STALE.txt) when the build starts and
+   deleted only when the new HTML is in place, so a failed build never leaves old pages looking current.
+5. The summary lists the records the build wrote into the results store (new or rewritten files),
+   i.e. what it recomputed rather than read.
 
 `--only CHAPTER` (e.g. `10_preliminaries` or `chapters/10_preliminaries.ipynb`) executes and
 builds just that chapter (the staged toc keeps the root page and that chapter); that build is not
@@ -34,7 +45,10 @@ strict, since links to the chapters it leaves out cannot resolve.
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
 import json
+import math
 import os
 import re
 import shutil
@@ -61,6 +75,8 @@ TAG_FOR = {
 
 
 PROFILES = ("smoke", "quick", "paper")
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+UNKNOWN = object()  # a parameter whose default is not a literal
 
 
 class BuildError(RuntimeError):
@@ -176,6 +192,114 @@ def postprocess(nb) -> None:
     nb.cells = cells
 
 
+def chapter_parameters(nb_path: Path) -> dict:
+    """name -> default value of a chapter's parameters: the top-level assignments of its `parameters`-tagged
+    cell (UNKNOWN where the default is not a literal)."""
+    nb = nbformat.read(nb_path, as_version=4)
+    params = {}
+    for cell in nb.cells:
+        if cell.cell_type != "code" or "parameters" not in cell.metadata.get("tags", []):
+            continue
+        code = "\n".join(l for l in cell.source.splitlines() if not l.lstrip().startswith(("%", "!", "#|")))
+        for node in ast.parse(code).body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(
+                node, ast.AnnAssign) and node.value is not None else []
+            for t in targets:
+                if isinstance(t, ast.Name):
+                    try:
+                        params[t.id] = ast.literal_eval(node.value)
+                    except ValueError:
+                        params[t.id] = UNKNOWN
+    return params
+
+
+def _papermill_value(text: str):
+    "The Python value papermill's CLI makes of `-p NAME TEXT`."
+    from papermill.cli import _resolve_type
+    return _resolve_type(text)
+
+
+def _type_problem(default, value) -> str | None:
+    "Why `value` cannot replace a parameter whose default is `default`, or None if it can."
+    if default is UNKNOWN or default is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "expects True or False"
+    if isinstance(default, int):
+        return None if isinstance(value, int) and not isinstance(value, bool) else "expects an integer"
+    if isinstance(default, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return None if ok else "expects a finite number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "expects text"
+    return None
+
+
+def check_parameters(chapters: dict, given: list[tuple[str, str]], profiles: dict) -> None:
+    """BuildError unless every `-p NAME VALUE` names a parameter of a chapter it goes to, with a value of the
+    default's type, and every chapter's profile is one of PROFILES. `chapters`: stem -> chapter_parameters;
+    `profiles`: stem -> profile. Runs before any chapter executes, so nothing trains on a misspelt request."""
+    problems = []
+    for stem, prof in profiles.items():
+        if prof not in PROFILES:
+            problems.append(f"{stem}: unknown profile {prof!r}; use one of {', '.join(PROFILES)}")
+    known = sorted({name for params in chapters.values() for name in params})
+    for name, text in given:
+        value = _papermill_value(text)
+        having = {stem: params[name] for stem, params in chapters.items() if name in params}
+        if not having:
+            close = difflib.get_close_matches(name, known, n=3)
+            where = (f"the parameters of {next(iter(chapters))} are: {', '.join(sorted(chapters[next(iter(chapters))]))}"
+                     if len(chapters) == 1 else f"the chapters' parameters are: {', '.join(known)}")
+            problems.append(f"-p {name} {text}: no chapter built here has a parameter {name!r}"
+                            + (f" (did you mean {' or '.join(close)}?)" if close else "") + f"; {where}")
+            continue
+        if name == "profile" and value not in PROFILES:
+            problems.append(f"-p profile {text}: unknown profile; use one of {', '.join(PROFILES)}")
+            continue
+        for stem, default in having.items():
+            why = _type_problem(default, value)
+            if why:
+                problems.append(f"-p {name} {text}: {stem}'s parameter {name} (default {default!r}) {why}")
+    if problems:
+        raise BuildError("the build was asked for something the chapters do not take (nothing was executed):\n  "
+                         + "\n  ".join(problems))
+
+
+def cell_in_progress(nb_path: Path) -> str:
+    """The cell papermill was executing when the kernel died or the cell timed out, read from the cell
+    statuses papermill writes into the executed copy, as `cell i (starts ...)`."""
+    try:
+        nb = nbformat.read(nb_path, as_version=4)
+    except Exception:
+        return "no executed notebook was written"
+    added = {"injected-parameters", "papermill-error-cell-tag"}
+    cells = [c for c in nb.cells if not added & set(c.metadata.get("tags", []))]
+    status = [c.metadata.get("papermill", {}).get("status") for c in cells]
+    # papermill marks the cell it was in `running` or `failed`, or (a dead kernel) `completed` before `pending` ones
+    started = [i for i, st in enumerate(status) if st in ("running", "failed")] or \
+              [i for i, st in enumerate(status) if st not in (None, "pending")][-1:]
+    if not started:
+        return "cell unknown"
+    i = started[0]
+    first = next((l for l in cells[i].source.splitlines() if l.strip() and not l.startswith("#|")), "")
+    return f"cell {i} (0-based, as in the chapter; starts `{first[:80]}`)"
+
+
+def classify_failure(dst: Path, log_text: str, timeout: int) -> tuple[str, str]:
+    """(kind, description) of a failed papermill run: kind `timeout` or `kernel` (worth one retry: the rare
+    papermill hang shows as a time-out), `error` (a Python exception in a cell: deterministic, never retried),
+    or `other`."""
+    if "CellTimeoutError" in log_text or "timed out" in log_text:
+        return "timeout", f"cell time-out: {cell_in_progress(dst)} ran longer than --timeout {timeout} s"
+    if "DeadKernelError" in log_text or "Kernel died" in log_text or "kernel died" in log_text:
+        return "kernel", f"kernel died (out of memory? a crash in native code?) in {cell_in_progress(dst)}"
+    where = failing_cell(dst)
+    if not where.startswith("no error cell"):
+        return "error", f"Python exception in {where}"
+    return "other", where
+
+
 def failing_cell(nb_path: Path) -> str:
     """Describe the first cell with an error output in an executed notebook."""
     try:
@@ -209,25 +333,54 @@ def execute(src: Path, dst: Path, cwd: Path, params: list[tuple[str, str]], time
 
 def run_chapter(src: Path, dst: Path, params: list[tuple[str, str]], timeout: int, log_path: Path,
                 env: dict) -> tuple[bool, str]:
-    """Execute one chapter (one retry), post-process the executed copy; (ok, one-line message)."""
+    """Execute one chapter, post-process the executed copy; (ok, one-line message). Only a kernel death or a
+    cell time-out is retried (once); a Python exception in a cell is deterministic and fails at once."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(log_path, "w") as log:
         for attempt in (1, 2):
+            start = log.tell()
             try:
                 execute(src, dst, src.parent, params, timeout, log, env)
                 break
             except BuildError as e:
-                where = failing_cell(dst)
-                log.write(f"attempt {attempt} failed: {e}; {where}\n")
-                if attempt == 2:
-                    return False, (f"failed twice ({time.time() - t0:.1f} s): {where}\n  papermill log: {log_path}\n"
+                log.flush()
+                with open(log_path, errors="replace") as f:
+                    f.seek(start)
+                    kind, what = classify_failure(dst, f.read(), timeout)
+                log.write(f"attempt {attempt} failed: {e}; {what}\n")
+                if kind in ("error", "other") or attempt == 2:
+                    tries = "twice" if attempt == 2 else ("(not retried: it would fail again)" if kind == "error"
+                                                          else "")
+                    return False, (f"failed{' ' + tries if tries else ''} ({time.time() - t0:.1f} s): {what}\n  papermill log: {log_path}\n"
                                    f"  executed copy: {dst}")
     nb = nbformat.read(dst, as_version=4)
     postprocess(nb)
     nbformat.write(nb, dst)
     retried = " after one retry" if attempt == 2 else ""
     return True, f"ok{retried} ({time.time() - t0:.1f} s)"
+
+
+def snapshot(results_dir: Path) -> dict:
+    "relative path -> (size, mtime_ns) of every file in the results store (empty if there is none)."
+    if not results_dir.is_dir():
+        return {}
+    return {p.relative_to(results_dir).as_posix(): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in results_dir.rglob("*") if p.is_file()}
+
+
+def records_summary(results_dir: Path, before: dict) -> str:
+    "Which records the build wrote (new, rewritten) in the results store: what it recomputed, not read."
+    after = snapshot(results_dir)
+    new = sorted(set(after) - set(before))
+    rewritten = sorted(k for k in set(after) & set(before) if after[k] != before[k])
+    if not new and not rewritten:
+        return f"records recomputed: none (every stored number was read from {results_dir})"
+    lines = [f"records recomputed: {len(new)} new, {len(rewritten)} rewritten in {results_dir}"]
+    lines += [f"  new: {k}" for k in new[:50]] + [f"  rewritten: {k}" for k in rewritten[:50]]
+    if len(new) > 50 or len(rewritten) > 50:
+        lines.append("  (lists cut at 50)")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -242,8 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--build-dir", default=None, help="staging tree and HTML go here (default: <root>/_build)")
     ap.add_argument("--timeout", type=int, default=600, help="papermill --execution-timeout per cell, seconds")
     ap.add_argument("--root", default=str(REPO), help="book root holding _config.yml, _toc.yml, chapters/")
-    ap.add_argument("--jobs", type=int, default=2,
-                    help="chapters executed side by side (default 2; each gets OMP_NUM_THREADS=1 when > 1)")
+    ap.add_argument("--jobs", type=int, default=2, help="chapters executed side by side (default 2)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads of every chapter (OMP/MKL/OpenBLAS, hence torch), the same whatever --jobs, "
+                         "so a record does not depend on how the build was started (default 1)")
     ap.add_argument("--no-html", action="store_true", help="execute and stage only; skip jupyter-book")
     args = ap.parse_args(argv)
 
@@ -265,11 +420,31 @@ def main(argv: list[str] | None = None) -> int:
         toc = reduce_toc(toc, match[0])
         entries = toc_files(toc)
 
-    profile_of = chapter_profiles(root, args.profile)
+    if args.threads < 1:
+        print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    try:
+        profile_of = chapter_profiles(root, args.profile)
+        paths = [resolve(root, e) for e in entries]
+        notebooks = [p for p in paths if p.suffix == ".ipynb"]
+        check_parameters({p.stem: chapter_parameters(p) for p in notebooks}, [tuple(p) for p in args.parameter],
+                         {p.stem: profile_of(p.stem) for p in notebooks})
+    except BuildError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     params = []
     if args.results:
         params.append(("results_dir", str(Path(args.results).resolve())))
     params += [tuple(p) for p in args.parameter]
+    results_dir = Path(args.results).resolve() if args.results else root / "results"
+    records_before = snapshot(results_dir)
+    stale = build / "html.stale"
+    if html.exists() and not args.no_html:  # never leave the previous pages looking like this build's
+        if stale.exists():
+            shutil.rmtree(stale)
+        html.rename(stale)
+        (stale / "STALE.txt").write_text("These pages are from an earlier build; a newer build started "
+                                         f"{time.strftime('%Y-%m-%d %H:%M:%S')} and has not finished (or failed).\n")
 
     if staging.exists():
         shutil.rmtree(staging)
@@ -282,18 +457,14 @@ def main(argv: list[str] | None = None) -> int:
     logs = build / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 
-    paths = [resolve(root, e) for e in entries]
-    notebooks = [p for p in paths if p.suffix == ".ipynb"]
     shown = args.profile or ", ".join(f"{p.stem}={profile_of(p.stem)}" for p in notebooks)
-    print(f"kdbook build: {len(paths)} pages, {len(notebooks)} notebooks, profile {shown}, params {dict(params)}",
-          flush=True)
+    print(f"kdbook build: {len(paths)} pages, {len(notebooks)} notebooks, profile {shown}, params {dict(params)}, "
+          f"{args.threads} thread(s) per chapter", flush=True)
     t_all = time.time()
     jobs = max(1, min(args.jobs, len(notebooks) or 1))
-    env = dict(os.environ)
-    if jobs > 1:
-        # Chapters run side by side, one core each: torch's default of one thread per core would
-        # oversubscribe the machine (spinning threads made chapters 5-10x slower here).
-        env.setdefault("OMP_NUM_THREADS", "1")
+    # The same thread count for every chapter, however many run side by side: float sums are reduced in
+    # thread-dependent order, so a record recomputed with 2 threads could differ from one computed with 1.
+    env = dict(os.environ, **{var: str(args.threads) for var in THREAD_VARS})
     for src in paths:
         if src.suffix == ".md":
             dst = staging / src.relative_to(root)
@@ -310,8 +481,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{n}/{len(notebooks)}] {rel}: {message}", flush=True)
             if not ok:
                 failures.append(f"error: chapter {rel} {message}")
+    print(records_summary(results_dir, records_before), flush=True)
     if failures:
         print("\n".join(failures), file=sys.stderr)
+        if stale.exists():
+            print(f"the previous HTML was moved to {stale}: it is not this build's", file=sys.stderr)
         return 1
     n = len(notebooks)
     print(f"executed {n} notebooks in {time.time() - t_all:.1f} s", flush=True)
@@ -337,8 +511,12 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(problems[:40] or lines[-40:]), file=sys.stderr)
         print(f"error: jupyter-book build failed (strict mode: warnings are errors); full log: {jb_log}",
               file=sys.stderr)
+        if stale.exists():
+            print(f"the previous HTML was moved to {stale}: it is not this build's", file=sys.stderr)
         return 1
     shutil.move(str(out), str(html))
+    if stale.exists():
+        shutil.rmtree(stale)
     print(f"jupyter-book build ok ({time.time() - t0:.1f} s); HTML in {html}", flush=True)
     return 0
 

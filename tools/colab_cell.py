@@ -58,7 +58,9 @@ def published_profile(root, stem: str) -> str:
     import yaml
     path = Path(root) / "profiles.yml"
     spec = yaml.safe_load(path.read_text()) if path.exists() else {}
-    return (spec.get("chapters") or {}).get(stem, spec.get("default", "smoke"))
+    entry = (spec.get("chapters") or {}).get(stem, spec.get("default", "smoke"))
+    # an entry is a profile, or {published: ..., target: ..., stores: [...]} (see tools/owed.py)
+    return entry["published"] if isinstance(entry, dict) else entry
 
 
 def follow_published_profile(ip,  # the IPython shell (get_ipython())

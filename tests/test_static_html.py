@@ -1,0 +1,120 @@
+"""Every file of the built book (.html, .js, .css) is checked statically: no script, style, image, font or
+frame is loaded from a non-local address, so the book works offline and tells no third party who reads it."""
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+
+import pytest
+
+# scheme-ful or protocol-relative addresses of another host (127.0.0.1 / localhost are the reader's own)
+OUTSIDE = r"(?:(?:https?|ftp|wss?):)?//(?!(?:127\.0\.0\.1|localhost)[:/])[A-Za-z0-9.-]+\.[A-Za-z]{2,}[^\s\"'()<>]*"
+CSS_URL = re.compile(r"""(?:url\(\s*["']?|@import\s+["'])(""" + OUTSIDE + ")", re.I)
+# in scripts: an address of a loadable resource (by extension) or of a known CDN, inside a string literal
+RESOURCE = r"\.(?:m?js|css|woff2?|ttf|otf|eot|png|jpe?g|gif|svg|webp|ico)(?:[?#][^\s\"'`]*)?"
+CDN_HOST = r"(?:cdn\.|cdnjs\.|unpkg\.com|jsdelivr|googleapis\.com|gstatic\.com|mathjax|jquery\.com|bootstrapcdn|plot\.ly)"
+JS_URL = re.compile(r"""["'`](""" + OUTSIDE + ")[\"'`]")
+# attributes through which a page loads something (not <a href>, which only links)
+LOADING = {("script", "src"), ("img", "src"), ("img", "srcset"), ("source", "src"), ("source", "srcset"),
+           ("iframe", "src"), ("embed", "src"), ("object", "data"), ("video", "src"), ("video", "poster"),
+           ("audio", "src"), ("track", "src"), ("input", "src"), ("image", "href"), ("use", "href")}
+LINK_RELS = {"stylesheet", "preload", "modulepreload", "prefetch", "icon", "shortcut", "apple-touch-icon",
+             "manifest", "preconnect", "dns-prefetch"}
+OUTSIDE_RE = re.compile("^" + OUTSIDE, re.I)
+# Addresses inside vendored libraries that no page of the book reaches, each with what would use it. Any other
+# address (or one of these in another file) fails the test; the browser test checks that no page load uses them.
+DORMANT = {
+    ("_static/vendor/html-manager/", "https://cdn.jsdelivr.net/npm/"):
+        "requirejs fallback for third-party widget modules; the book embeds no third-party widget",
+    ("_static/vendor/html-manager/", "https://fonts.googleapis.com/css?family=Roboto+Mono"):
+        "inside a CSS comment (commented out upstream)",
+    ("_static/vendor/mathjax/", "https://cdn.jsdelivr.net/npm/speech-rule-engine@"):
+        "MathJax's speech rule engine: loaded only if a reader turns on speech in MathJax's accessibility menu",
+    ("_static/vendor/mathjax/", "https://cdn.jsdelivr.net/npm/sre-mathmaps-ie@"): "as above (speech, old IE)",
+    ("_static/vendor/mathjax/", "https://cdn.jsdelivr.net/npm/wicked-good-xpath@"): "as above (speech, old IE)",
+    ("_static/vendor/mathjax/", "https://www.mathjax.org"): "the link in MathJax's About dialog (not a load)",
+}
+
+
+def dormant(rel: str, url: str) -> bool:
+    "Whether `url` in the built file `rel` is one of the DORMANT vendored fallbacks."
+    return any(rel.startswith(folder) and url.startswith(prefix) for folder, prefix in DORMANT)
+
+
+def js_outside(text: str) -> list[str]:
+    "Addresses in a script that it could load: resources by extension or any address on a CDN host."
+    return [u for u in JS_URL.findall(text) if re.search(RESOURCE + "$", u.split("#")[0], re.I)
+            or re.search(CDN_HOST, u, re.I)]
+
+
+class _Scan(HTMLParser):
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.found, self._in = [], None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        for name, value in attrs:
+            if not value:
+                continue
+            values = [v.strip().split()[0] for v in value.split(",") if v.strip()] if name.endswith("srcset") else [value]
+            loads = (tag, name) in LOADING or (tag == "link" and name == "href" and
+                                               LINK_RELS & set((a.get("rel") or "").lower().split()))
+            if loads or name in ("xlink:href",):
+                self.found += [f"<{tag} {name}={v}>" for v in values if OUTSIDE_RE.match(v.strip())]
+            if name == "style":
+                self.found += CSS_URL.findall(value)
+        self._in = tag if tag in ("script", "style") else None
+
+    def handle_endtag(self, tag):
+        self._in = None
+
+    def handle_data(self, data):
+        if self._in == "script":
+            self.found += js_outside(data)
+        elif self._in == "style":
+            self.found += CSS_URL.findall(data)
+
+
+def outside_references(text: str, kind: str) -> list[str]:
+    "Non-local addresses a file of `kind` (html, js, css) would load."
+    if kind == "css":
+        return CSS_URL.findall(text)
+    if kind == "js":
+        return js_outside(text)
+    scan = _Scan()
+    scan.feed(text)
+    return scan.found
+
+
+def test_the_scanner_finds_each_kind_of_outside_load():
+    bad_html = """<html><head><script src="https://cdn.example.org/x.js"></script>
+      <link rel="stylesheet" href="//fonts.googleapis.com/css?family=X"><link rel="icon" href="http://icons.example.com/f.ico">
+      <style>@font-face { src: url("https://fonts.gstatic.com/s/x.woff2") }</style></head>
+      <body><img src="https://images.example.com/p.png"><img srcset="a.png 1x, https://x.example.com/b.png 2x">
+      <div style="background: url(https://bg.example.com/i.jpg)"></div>
+      <script>var THEBE_JS_URL = "https://unpkg.com/thebe@0.8.2/lib/index.js"</script></body></html>"""
+    found = outside_references(bad_html, "html")
+    assert len(found) == 8, found
+    assert outside_references("@import 'https://x.example.com/a.css'; a{b:url(//cdn.example.com/f.woff)}", "css")
+    assert outside_references('import("https://esm.sh/react.mjs"); s.src = "//cdn.jsdelivr.net/npm/a"', "js")
+    ok_html = """<a href="https://arxiv.org/abs/2106.05945">paper</a><script src="_static/x.js"></script>
+      <img src="data:image/png;base64,AAAA"><link rel="canonical" href="https://kdbook.example.org/">
+      <script>var s = "see https://github.com/x/y for details"; fetch("http://127.0.0.1:8000/a.js")</script>
+      <img src="http://localhost:8000/a.png">"""
+    assert outside_references(ok_html, "html") == []
+    assert dormant("_static/vendor/mathjax/a11y/sre.js", "https://cdn.jsdelivr.net/npm/speech-rule-engine@4")
+    assert not dormant("_static/kdbook.js", "https://cdn.jsdelivr.net/npm/speech-rule-engine@4")
+
+
+@pytest.mark.build
+def test_no_page_script_style_image_or_font_comes_from_outside(built_book):
+    files = [p for p in built_book.html.rglob("*") if p.suffix in (".html", ".js", ".css") and p.is_file()]
+    assert sum(p.suffix == ".html" for p in files) >= 10, "too few pages: is this the whole book?"
+    problems = {}
+    for p in files:
+        rel = p.relative_to(built_book.html).as_posix()
+        found = [u for u in outside_references(p.read_text(errors="replace"), p.suffix[1:]) if not dormant(rel, u)]
+        if found:
+            problems[rel] = sorted(set(found))[:5]
+    assert not problems, f"files that load from outside the book: {problems}"
