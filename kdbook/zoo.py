@@ -19,15 +19,16 @@ from .packing import can_pack
 from .train import PROFILES, TrainConfig, distill, evaluate, fit, fit_many, make_model, predict_logits
 
 # %% auto #0
-__all__ = ['ZOO_NAME', 'STUDENT_NAME', 'ENSEMBLE_SIZES', 'TEACHER_RECIPES', 'STUDENT_RECIPES', 'ZOO_DATA', 'THROUGHPUT_BASIS',
-           'Recipe', 'teacher_recipe', 'student_recipe', 'zoo_data', 'data_tag', 'zoo_params', 'zoo_teachers',
-           'check_ensemble_size', 'zoo_ensemble', 'check_synthetic_sizes', 'synthetic_subset', 'mixup_standin',
-           'student_params', 'distill_student', 'gpu_minutes']
+__all__ = ['ZOO_NAME', 'STUDENT_NAME', 'ENSEMBLE_SIZES', 'ARCHS', 'TEACHER_RECIPES', 'STUDENT_RECIPES', 'ZOO_DATA',
+           'THROUGHPUT_BASIS', 'Recipe', 'teacher_recipe', 'student_recipe', 'zoo_data', 'data_tag', 'zoo_params',
+           'zoo_teachers', 'check_ensemble_size', 'zoo_ensemble', 'check_synthetic_sizes', 'synthetic_subset',
+           'mixup_standin', 'student_params', 'distill_student', 'gpu_minutes']
 
 # %% ../chapters/23_synthetic.ipynb #dfc61613
 ZOO_NAME = "zoo-teacher"  # the store's experiment name of every zoo teacher (chapters of §4.2, §5.1, §5.2 share it)
 STUDENT_NAME = "s42-student"  # the store's experiment name of this chapter's students
 ENSEMBLE_SIZES = (1, 3, 5)  # teacher ensembles the chapters of the book distil from (paper §4.2, §5.1)
+ARCHS = ("resnet20", "resnet56", "resnet110")  # pre-activation ResNets of kdbook.models (appendix A.2)
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,8 @@ class Recipe:
     amp: bool = True  # bf16 autocast on CUDA (ignored on a CPU)
 
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown architecture {self.arch!r} for a zoo teacher or student: use one of {ARCHS}")
         if not isinstance(self.width, int) or isinstance(self.width, bool) or self.width < 1:
             raise ValueError(f"Recipe.width must be a positive integer, got {self.width!r}")
         self.config()  # TrainConfig validates the rest
@@ -277,6 +280,7 @@ def distill_student(store,  # kdbook.store.Store
                     tau: float = 4.0,  # temperature of the KD term, for real and synthetic images alike
                     controls: list = (),  # independent teachers: the student's test agreement/KL with each (s′ control)
                     device: str = "auto",  # where to train
+                    depends: list = (),  # further records the student comes from (the synthetic set's)
                     ) -> dict:
     "The stored record of one student distilled (Eq. 1, α = 0) on train + synthetic images, with its final metrics."
     size = 0 if synthetic_images is None else len(synthetic_images)
@@ -301,7 +305,8 @@ def distill_student(store,  # kdbook.store.Store
         out["controls"] = [_fidelity(student, [m], test, device) for _, m in controls]
         return out
 
-    return store.run(STUDENT_NAME, params, run, seed, depends=[r for r, _ in list(teachers) + list(controls)])
+    return store.run(STUDENT_NAME, params, run, seed,
+                     depends=[r for r, _ in list(teachers) + list(controls)] + list(depends))
 
 # %% ../chapters/23_synthetic.ipynb #328e656f
 # Planning throughputs (images per second on one GPU) measured by the engine's benchmark (appendix A.3):
