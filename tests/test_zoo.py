@@ -164,3 +164,11 @@ def test_chapter_refuses_an_unknown_ensemble_size(tmp_path):
     error = _run_chapter(tmp_path, results_dir=str(tmp_path / "results"), ensemble_size=4)
     assert "unknown ensemble size 4" in error
     assert files(tmp_path / "results") == []
+
+
+def test_chapter_without_gan_sets_trains_the_zoo_then_says_what_is_missing(tmp_path):
+    error = _run_chapter(tmp_path, results_dir=str(tmp_path / "results"), synthetic_source="gan")
+    assert "holds no SN-GAN sets at profile 'smoke'" in error and "run the SN-GAN chapter" in error
+    stored = files(tmp_path / "results")
+    assert any(f.startswith(f"{ZOO_NAME}/") for f in stored)  # the teachers do not need the synthetic images
+    assert not any(f.startswith(f"{STUDENT_NAME}/") for f in stored)
