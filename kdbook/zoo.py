@@ -7,9 +7,7 @@ match the teacher on its own distillation data (Figure 5, left). Also: the book'
 # %% ../chapters/23_synthetic.ipynb #3c9c6c17
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
