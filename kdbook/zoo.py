@@ -307,12 +307,12 @@ def distill_student(store,  # kdbook.store.Store
                      depends=[r for r, _ in list(teachers) + list(controls)] + list(depends))
 
 # %% ../chapters/23_synthetic.ipynb #328e656f
-# Planning throughputs (images per second on one GPU) measured by the engine's benchmark (appendix A.3):
-# a BatchNorm ResNet-56 teacher trained at batch 256 in bf16 (≈6.3 s per 50k-image epoch with two processes
-# sharing an H100, i.e. ≈8,000 images/s each), and a whole distillation step of a 5 x ResNet-56 ensemble into a
-# ResNet-56 captured in a CUDA graph (≈10,000 images/s on an H200; one or three teachers cost less, so this
-# overestimates the time of Figure 1's students).
-THROUGHPUT_BASIS = {"teacher_fit": 8000.0, "distill": 10000.0}
+# Planning throughputs (images per second) on one H100, from the engine's benchmark (appendix A.3; steps captured
+# in CUDA graphs, bf16, data on the GPU): one BatchNorm ResNet-56 teacher trained at batch 256, ≈27,000 images/s
+# (five packed into one step were slower, ≈22,400 together), and a whole distillation step of a 5 x ResNet-56
+# ensemble into a ResNet-56 at batch 128, ≈8,200 images/s (one or three teachers cost less: an upper bound of
+# the time of Figure 1's students). Evaluation, checkpoints and data loading are not counted.
+THROUGHPUT_BASIS = {"teacher_fit": 27000.0, "distill": 8200.0}
 
 
 def gpu_minutes(n_teachers: int,  # zoo teachers to train
