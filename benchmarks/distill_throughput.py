@@ -1,17 +1,22 @@
-"""Distillation throughput: a standard DataLoader fp32 loop vs kdbook's engine, in one run on one device.
+"""Distillation and teacher-training throughput: a standard PyTorch loop against kdbook's engine, in one run on one device.
 
-Distils an ensemble of `--members` pre-activation ResNet-`--depth` teachers into a ResNet-`--depth` student
-(CIFAR-100, batch `--batch-size`, tau = 4, SGD Nesterov) and times:
-  (a) baseline: an eager fp32 loop fed by a torchvision DataLoader (PIL images, RandomCrop(32, padding=4),
-      RandomHorizontalFlip, ToTensor, Normalize on the CPU in `--num-workers` worker processes), teachers
-      called one after another;
-  (b) engine: kdbook.train.train_epoch with the data resident on the device as uint8, augmentation on the
-      device, the teachers vmapped as one Ensemble, bf16 autocast + channels_last on CUDA.
-Prints images/s for each, the ratio and the projected seconds per 50,000-image epoch, and writes the
-measurement to results/benchmarks/<device-slug>[-<tag>].json (rendered by chapters/a3_training.ipynb).
+Distils an ensemble of `--members` pre-activation ResNet-`--depth` teachers into ResNet-`--depth` students
+(CIFAR-100 images, batch `--batch-size`, tau = 4, SGD Nesterov) and times, one row each:
+  (a) standard loop: torchvision DataLoader (PIL images, RandomCrop(32, padding=4), RandomHorizontalFlip,
+      ToTensor, Normalize in `--num-workers` worker processes), eager fp32, teachers one after another;
+  (b) engine, eager: uint8 data on the device, augmentation on the device, the engine's step
+      (kdbook.engine.Step: bf16 autocast + channels_last on CUDA), cuda_graphs off;
+  (c) engine, graphed: the same step captured whole in a CUDA graph (CUDA only);
+  (d) k students packed as one network, graphed, k = 1, 4, 8, 16 (CPU: 1, 2, 4), each student with its own
+      batches, and with same_batches (all k students see one batch: one teacher forward labels all);
+  (t) teachers: `--members` ResNet-`--depth` networks trained from scratch (batch `--teacher-batch-size`)
+      packed as one network against one at a time.
+Prints images/s per student, the ratio to (a) and the seconds per 50,000-image epoch per student (per
+teacher for (t)), and writes every row to results/benchmarks/<device-slug>[-<tag>].json (rendered by
+chapters/a3_training.ipynb). A row that fails records its error and the others still run.
 
-    python benchmarks/distill_throughput.py                        # small CPU configuration (< 2 min)
-    python benchmarks/distill_throughput.py --device cuda          # 5 x ResNet-56 -> ResNet-56, batch 128
+    python benchmarks/distill_throughput.py                           # small CPU configuration (< 2 min)
+    python benchmarks/distill_throughput.py --device cuda             # 5 x ResNet-56 -> ResNet-56 (< 4 min on an H100)
 """
 import argparse
 import json
@@ -20,6 +25,7 @@ import platform
 import re
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -30,10 +36,11 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from kdbook.data import load_dataset
+from kdbook.data import ImageSet, load_dataset
+from kdbook.engine import FunctionalOptimizer, GraphedStep, Step, Stream, TrainConfig, next_batch
 from kdbook.losses import ensemble_logits, kd_loss
 from kdbook.store import device_name, git_revision
-from kdbook.train import Ensemble, TrainConfig, _prepare_model, _seeded_generators, make_model, make_optimizer, train_epoch
+from kdbook.train import Ensemble, _pack, _prepare_model, make_model, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,17 +65,15 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def build(args, device):
-    teachers = [make_model("preresnet", seed=i, depth=args.depth, num_classes=100).to(device).eval()
-                for i in range(args.members)]
-    student = make_model("preresnet", seed=1000, depth=args.depth, num_classes=100).to(device)
-    return teachers, student
+def net(args, seed, device):
+    return make_model("preresnet", seed=seed, depth=args.depth, num_classes=100).to(device)
 
 
-def time_baseline(args, device, train):
-    "(a) the standard loop: DataLoader with CPU transforms, fp32, teachers one after another."
-    teachers, student = build(args, device)
-    cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=0.05, device=str(device), progress=False)
+def time_standard(args, device, train):
+    "(a) DataLoader with CPU transforms, fp32, teachers one after another, torch.optim.SGD."
+    teachers = [net(args, i, device).eval() for i in range(args.members)]
+    student = net(args, 1000, device)
+    cfg = TrainConfig(batch_size=args.batch_size, lr=0.05, device=str(device), progress=False)
     opt = make_optimizer(student.parameters(), cfg)
     tf = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
                              transforms.ToTensor(), transforms.Normalize((0.5,) * 3, (0.5,) * 3)])
@@ -76,14 +81,13 @@ def time_baseline(args, device, train):
                         num_workers=args.num_workers, pin_memory=device.type == "cuda", drop_last=True,
                         persistent_workers=args.num_workers > 0, generator=torch.Generator().manual_seed(0))
     student.train()
-    n_total = args.warmup + args.steps
     it = iter(loader)
     t0 = None
-    for step in range(n_total):
+    for step in range(args.warmup + args.steps):
         if step == args.warmup:
             sync(device)
             t0 = time.perf_counter()
-        x, y = next(it)
+        x, _ = next(it)
         x = x.to(device, non_blocking=True)
         with torch.no_grad():
             teacher_logits = ensemble_logits(torch.stack([t(x) for t in teachers]))
@@ -92,33 +96,69 @@ def time_baseline(args, device, train):
         loss.backward()
         opt.step()
     sync(device)
-    return time.perf_counter() - t0
+    return {"seconds": time.perf_counter() - t0, "images": args.steps * args.batch_size, "per": 1}
 
 
-def time_engine(args, device, train):
-    "(b) kdbook: uint8 data on the device, device-side augmentation, vmapped ensemble, bf16 + NHWC on CUDA."
-    teachers, student = build(args, device)
-    cfg = TrainConfig(epochs=1, batch_size=args.batch_size, lr=0.05, lr_min=1e-6, policy="baseline",
-                      device=str(device), progress=False)
-    student = _prepare_model(student, device, cfg)
-    teacher = _prepare_model(Ensemble(teachers), device, cfg)
-    opt = make_optimizer(student.parameters(), cfg)
-    shuffle_gen, aug_gen = _seeded_generators(0, device)
+def time_engine(args, device, train, k=1, packed=False, same_batches=False, graphs=True, teachers=True,
+                batch_size=None):
+    "(b)-(d), (t): the engine's step (kdbook.engine.Step) on device-resident data, eager or graphed."
+    batch_size = batch_size or args.batch_size
+    gpu = device.type == "cuda"
+    cfg = TrainConfig(batch_size=batch_size, lr=0.05, lr_min=1e-6, policy="baseline", device=str(device),
+                      amp=gpu, channels_last=gpu, cuda_graphs=graphs, progress=False)
+    teacher = None
+    if teachers:
+        teacher = _prepare_model(Ensemble([net(args, i, device).eval() for i in range(args.members)]), device, cfg)
+    students = [_prepare_model(net(args, 1000 + i, device), device, cfg) for i in range(k)]
+    model = _pack(students, shared_input=same_batches).to(device) if packed else students[0]
+    opt = FunctionalOptimizer(model.parameters(), cfg)
+    step = Step(model, opt, k, teacher, tau=4.0, alpha=0.0, packed=packed, shared_input=same_batches,
+                amp=cfg.amp, device=device)
+    runner = GraphedStep(step, graphs)
+    streams = [Stream(i, device) for i in range(k if packed and not same_batches else 1)]
     images, labels = train.images.to(device), train.labels.to(device)
-    from kdbook.train import kd_step_loss
-    loss_fn = kd_step_loss(teacher, tau=4.0)
-    warm = args.warmup * args.batch_size
-    total = (args.warmup + args.steps) * args.batch_size
-    train_epoch(student, opt, images[:warm], labels[:warm], loss_fn, cfg, shuffle_gen, aug_gen, 0, 10**6)
+    for s in streams:
+        s.new_epoch(len(labels), device)
+    use_cl = cfg.channels_last and gpu
+    stacked = packed and not same_batches
+    warmup = max(args.warmup, 5 if graphs and gpu else 0)  # 3 side-stream steps and the capture
+    t0 = None
+    for i in range(warmup + args.steps):
+        if i == warmup:
+            sync(device)
+            t0 = time.perf_counter()
+        start = (i * batch_size) % max(len(labels) - batch_size + 1, 1)
+        x, y = next_batch(streams, images, labels, start, cfg, None, use_cl, stacked)
+        opt.lr.fill_(0.05)
+        runner(x, y)
     sync(device)
-    t0 = time.perf_counter()
-    train_epoch(student, opt, images[warm:total], labels[warm:total], loss_fn, cfg, shuffle_gen, aug_gen, 0, 10**6)
-    sync(device)
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    loss = float(step.loss_sum.sum()) / max(k * (warmup + args.steps), 1)
+    if loss != loss:
+        raise FloatingPointError("the timed steps produced a non-finite loss")
+    return {"seconds": seconds, "images": args.steps * batch_size, "per": k, "graphed": runner.graphed,
+            "graph_error": runner.error}
 
 
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def rows_to_run(args, gpu):
+    ks = [int(v) for v in args.ks.split(",")] if args.ks else ([1, 4, 8, 16] if gpu else [1, 2, 4])
+    rows = [("a", "standard loop: DataLoader + eager fp32", dict(fn="standard")),
+            ("b", "engine, eager", dict(graphs=False))]
+    if gpu:
+        rows.append(("c", "engine, graphed", dict(graphs=True)))
+    for same in (False, True):
+        for k in ks:
+            rows.append(("d", f"{k} packed students, graphed{', same batches' if same else ''}",
+                         dict(k=k, packed=True, same_batches=same, graphs=True)))
+    t = args.members
+    rows.append(("t", f"{t} teachers one at a time, graphed", dict(teachers=False, graphs=True, batch_size=args.teacher_batch_size)))
+    rows.append(("t", f"{t} teachers packed, graphed", dict(k=t, packed=True, teachers=False, graphs=True,
+                                                           batch_size=args.teacher_batch_size)))
+    return rows
 
 
 def main(argv=None):
@@ -127,10 +167,13 @@ def main(argv=None):
     p.add_argument("--members", type=int, default=None, help="teachers in the ensemble (default: 2 on CPU, 5 on CUDA)")
     p.add_argument("--depth", type=int, default=None, help="ResNet depth (default: 20 on CPU, 56 on CUDA)")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--steps", type=int, default=None, help="timed steps (default: 3 on CPU, 100 on CUDA)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1 on CPU, 10 on CUDA)")
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers of the baseline")
+    p.add_argument("--teacher-batch-size", type=int, default=256)
+    p.add_argument("--ks", default="", help="packed students, comma-separated (default: 1,4,8,16 on CUDA, 1,2,4 on CPU)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per row (default: 2 on CPU, 30 on CUDA)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1; graphed rows >= 5)")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers of the standard loop")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--synthetic", action="store_true", help="random uint8 images instead of CIFAR-100 (same speed)")
     p.add_argument("--out", default=str(REPO / "results" / "benchmarks"), help="folder of the JSON record")
     p.add_argument("--tag", default="", help="suffix of the record's file name (e.g. for concurrent runs)")
     p.add_argument("--no-write", action="store_true", help="print only")
@@ -139,42 +182,69 @@ def main(argv=None):
     gpu = device.type == "cuda"
     args.members = args.members or (5 if gpu else 2)
     args.depth = args.depth or (56 if gpu else 20)
-    args.steps = args.steps or (100 if gpu else 3)
-    args.warmup = args.warmup if args.warmup is not None else (10 if gpu else 1)
+    args.steps = args.steps or (30 if gpu else 2)
+    args.warmup = args.warmup if args.warmup is not None else 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    n_needed = (args.warmup + args.steps) * args.batch_size
-    train = load_dataset("cifar100", "train")
-    if len(train) < n_needed:
-        sys.exit(f"need {n_needed} images, the training set has {len(train)}: lower --steps")
+    n_needed = max((args.warmup + args.steps + 8) * max(args.batch_size, args.teacher_batch_size), 4096)
+    data_note = "CIFAR-100 train"
+    try:
+        if args.synthetic:
+            raise RuntimeError("--synthetic")
+        train = load_dataset("cifar100", "train")
+    except Exception as e:  # throughput does not depend on the pixels
+        print(f"using random uint8 images ({e})")
+        g = torch.Generator().manual_seed(0)
+        train = ImageSet(torch.randint(0, 256, (n_needed, 3, 32, 32), generator=g, dtype=torch.uint8),
+                         torch.randint(0, 100, (n_needed,), generator=g), [str(i) for i in range(100)], "random", "")
+        data_note = "random uint8 images"
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:n_needed]
     train = train.subset(order)
 
-    base_s = time_baseline(args, device, train)
-    eng_s = time_engine(args, device, train)
-    n = args.steps * args.batch_size
-    base_ips, eng_ips = n / base_s, n / eng_s
+    t_start = time.perf_counter()
+    print(f"device: {device}  config: {args.members} x ResNet-{args.depth} -> ResNet-{args.depth}, batch "
+          f"{args.batch_size}, {args.steps} timed steps per row")
+    rows, base_ips = [], None
+    for key, name, kw in rows_to_run(args, gpu):
+        row = {"row": key, "name": name, "k": kw.get("k", 1), "same_batches": kw.get("same_batches", False)}
+        try:
+            r = time_standard(args, device, train) if kw.get("fn") == "standard" else time_engine(args, device, train, **kw)
+            ips_total = r["images"] * r["per"] / r["seconds"]
+            ips = ips_total / r["per"]
+            row.update(images_per_s_per_model=ips, images_per_s_total=ips_total, seconds=r["seconds"],
+                       s_per_50k_epoch_per_model=50_000 / ips, graphed=r.get("graphed", False),
+                       graph_error=r.get("graph_error"))
+            if key == "a":
+                base_ips = ips
+            if key != "t" and base_ips:
+                row["ratio_to_a"] = ips / base_ips
+            print(f"({key}) {name:48s} {ips:9.1f} images/s per model  {50_000 / ips:7.1f} s per 50k epoch"
+                  + (f"  {row['ratio_to_a']:5.2f}x (a)" if "ratio_to_a" in row else "")
+                  + ("" if not r.get("graph_error") else f"  [graph capture failed: {r['graph_error']}]"))
+        except Exception as e:
+            row["error"] = f"{type(e).__name__}: {e}"
+            print(f"({key}) {name:48s} FAILED: {row['error']}")
+            traceback.print_exc(limit=3)
+        finally:
+            if gpu:
+                torch.cuda.empty_cache()
+        rows.append(row)
     rev, dirty = git_revision(REPO)
     record = {
+        "format": 2,
         "device_name": device_name() if not gpu else f"cuda: {torch.cuda.get_device_name(device)}",
-        "config": {"members": args.members, "depth": args.depth, "batch_size": args.batch_size, "steps": args.steps,
-                   "warmup": args.warmup, "num_workers": args.num_workers, "threads": torch.get_num_threads(),
-                   "device": str(device)},
-        "baseline": {"images_per_s": base_ips, "seconds": base_s, "s_per_50k_epoch": 50_000 / base_ips},
-        "engine": {"images_per_s": eng_ips, "seconds": eng_s, "s_per_50k_epoch": 50_000 / eng_ips,
-                   "amp_bf16": gpu, "channels_last": gpu, "vmapped_teachers": args.members > 1},
-        "ratio": eng_ips / base_ips,
+        "config": {"members": args.members, "depth": args.depth, "batch_size": args.batch_size,
+                   "teacher_batch_size": args.teacher_batch_size, "steps": args.steps, "warmup": args.warmup,
+                   "num_workers": args.num_workers, "threads": torch.get_num_threads(), "device": str(device),
+                   "tau": 4.0, "amp_bf16": gpu, "channels_last": gpu, "data": data_note},
+        "rows": rows,
         "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
         "python": platform.python_version(), "git_rev": rev, "dirty": dirty,
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "total_seconds": time.perf_counter() - t_start,
         "created": datetime.now(timezone.utc).isoformat(), "command": " ".join(["distill_throughput.py", *(argv or sys.argv[1:])]),
     }
-    print(f"device: {record['device_name']}")
-    print(f"config: {args.members} x ResNet-{args.depth} -> ResNet-{args.depth}, batch {args.batch_size}, "
-          f"{args.steps} timed steps")
-    print(f"(a) DataLoader + eager fp32 : {base_ips:9.1f} images/s  ({50_000 / base_ips:8.1f} s per 50k epoch)")
-    print(f"(b) kdbook engine           : {eng_ips:9.1f} images/s  ({50_000 / eng_ips:8.1f} s per 50k epoch)")
-    print(f"ratio (b)/(a)               : {record['ratio']:9.2f}x")
+    print(f"total {record['total_seconds']:.0f} s")
     if not args.no_write:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -8,28 +8,27 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
-import os
-import time
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call, stack_module_state
-from tqdm.auto import tqdm
 
-from .augment import POLICIES, augment
+from .augment import augment
 from .data import ImageSet, to_float
+from .engine import (OPTIMIZERS, Run, TrainConfig, autocast, batch_starts, cosine_lr, data_fingerprint, resolve_device,
+                     train_loop)
 from .losses import check_alpha, check_tau, ensemble_logits, kd_loss
 from .metrics import accuracy, ece, nll, predictive_kl, top1_agreement
+from .packing import can_pack, pack
+
+_all_ = ["OPTIMIZERS", "TrainConfig", "batch_starts", "cosine_lr", "resolve_device"]  # re-exported from kdbook.engine
 
 # %% auto #0
-__all__ = ['PROFILES', 'OPTIMIZERS', 'by_profile', 'TrainConfig', 'cosine_lr', 'resolve_device', 'make_optimizer', 'make_model',
-           'Ensemble', 'predict_logits', 'evaluate', 'batch_starts', 'ce_loss', 'kd_step_loss', 'train_epoch', 'fit',
-           'distill', 'fit_many', 'distill_many']
+__all__ = ['PROFILES', 'by_profile', 'make_optimizer', 'make_model', 'Ensemble', 'predict_logits', 'evaluate', 'ce_loss',
+           'kd_step_loss', 'train_epoch', 'fit', 'distill', 'fit_many', 'distill_many', 'OPTIMIZERS', 'TrainConfig',
+           'batch_starts', 'cosine_lr', 'resolve_device']
 
 # %% ../chapters/a3_training.ipynb #56402b24
 PROFILES = ("smoke", "quick", "paper")
@@ -50,69 +49,8 @@ def by_profile(profile: str,  # one of "smoke", "quick", "paper"
     return value
 
 # %% ../chapters/a3_training.ipynb #e8201c31
-OPTIMIZERS = ("sgd", "adam")
-
-
-@dataclass
-class TrainConfig:
-    "Settings of one training run (appendix A.3); validated on creation."
-    epochs: int = 1  # passes over the training (or distillation) data
-    batch_size: int = 128  # examples per step (students 128, teachers 256 in the paper)
-    optimizer: str = "sgd"  # "sgd" (Nesterov momentum) or "adam"
-    lr: float = 0.05  # initial learning rate of the cosine schedule
-    lr_min: float = 0.0  # final learning rate of the cosine schedule (students: 1e-6)
-    momentum: float = 0.9  # SGD momentum
-    nesterov: bool = True  # Nesterov momentum, as in the authors' code
-    weight_decay: float = 1e-4  # L2 penalty added by the optimizer
-    policy: str = "baseline"  # augmentation policy from kdbook.augment.POLICIES
-    eval_every: int = 1  # evaluate every this many epochs (and always after the last)
-    device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda", "cuda:1", ...
-    amp: bool = True  # bf16 autocast; only ever used on CUDA, fp32 on CPU
-    channels_last: bool = True  # NHWC memory format; only ever used on CUDA
-    checkpoint_every: int = 0  # save a resumable checkpoint every this many epochs (0: never)
-    eval_batch_size: int = 1000  # examples per forward pass during evaluation
-    progress: bool = True  # tqdm progress bar over epochs
-
-    def __post_init__(self):
-        for name in ("epochs", "batch_size", "eval_every", "eval_batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
-            raise ValueError(f"TrainConfig.checkpoint_every must be an integer >= 0 (0: never), got {self.checkpoint_every!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}: use one of {OPTIMIZERS}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown augmentation policy {self.policy!r}: use one of {tuple(POLICIES)}")
-        if not (self.lr > 0 and 0 <= self.lr_min <= self.lr):
-            raise ValueError(f"need lr > 0 and 0 <= lr_min <= lr, got lr={self.lr}, lr_min={self.lr_min}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ValueError("need weight_decay >= 0 and 0 <= momentum < 1")
-
-    def to_dict(self) -> dict:
-        "The configuration as a JSON-serialisable dict (for the results store)."
-        return asdict(self)
-
-# %% ../chapters/a3_training.ipynb #ee3a0053
-def cosine_lr(step: int,  # optimisation steps taken so far
-              total_steps: int,  # steps of the whole run
-              lr: float,  # learning rate at step 0
-              lr_min: float = 0.0,  # learning rate at step total_steps
-              ) -> float:
-    "Cosine annealing (appendix A.3): lr_min + (lr - lr_min)(1 + cos(pi t / T)) / 2."
-    t = min(max(step, 0), total_steps) / max(total_steps, 1)
-    return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * t))
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    "The torch device named by `device`; 'auto' picks CUDA when it is available."
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    "SGD with (Nesterov) momentum or Adam, with the configured weight decay."
+    "torch.optim's SGD (Nesterov momentum) or Adam with the configured settings (the engine uses its own, same math)."
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
@@ -130,54 +68,46 @@ def make_model(name: str,  # a kdbook.models name: "lenet5", "resnet20", "resnet
         return get_model(name, **kwargs)
 
 # %% ../chapters/a3_training.ipynb #9c6cae5a
-def _same_architecture(models) -> bool:
-    first = models[0]
-    shapes = {k: v.shape for k, v in first.state_dict().items()}
-    return all(type(m) is type(first) and {k: v.shape for k, v in m.state_dict().items()} == shapes
-               for m in models[1:])
-
-
 class Ensemble(nn.Module):
     "Teachers evaluated together in eval mode; calling it returns ensemble logits (paper §3)."
 
     def __init__(self, members,  # an nn.Module or a list of them
-                 vectorize: bool = True,  # vmap over stacked weights when the members share an architecture
+                 vectorize: bool = True,  # on CUDA, run the members as one packed network when they can be packed
                  ):
         super().__init__()
         members = list(members) if isinstance(members, (list, tuple, nn.ModuleList)) else [members]
         if not members:
             raise ValueError("Ensemble needs at least one member")
         self.members = nn.ModuleList(members)
-        self.vectorize = bool(vectorize) and len(members) > 1 and _same_architecture(members)
-        self._stacked = None  # (params, buffers, base) snapshot, taken on first use on a device
+        self.vectorize = bool(vectorize) and len(members) > 1 and can_pack(members) is None
+        self._packed = None  # (Packed, device): a snapshot of the members' weights, taken on first use
 
     def refresh(self):
-        "Forget the stacked snapshot of the weights (call after changing the members)."
-        self._stacked = None
+        "Forget the packed snapshot of the weights (call after changing the members)."
+        self._packed = None
         return self
 
-    def _stack(self, device):
-        if self._stacked is None or self._stacked[3] != device:
-            params, buffers = stack_module_state(list(self.members))
-            base = copy.deepcopy(self.members[0]).to("meta")
-            self._stacked = (params, buffers, base, device)
-        return self._stacked
+    def _pack(self, device):
+        if self._packed is None or self._packed[1] != device:
+            packed = pack(list(self.members), shared_input=True).to(device).eval()
+            for p in packed.parameters():
+                p.requires_grad_(False)
+            self._packed = (packed, device)
+        return self._packed[0]
 
     @torch.no_grad()
-    def member_logits(self, x: torch.Tensor) -> torch.Tensor:
+    def member_logits(self, x: torch.Tensor,
+                      vectorize: bool | None = None,  # None: packed on CUDA, a loop on CPU (faster there)
+                      ) -> torch.Tensor:
         "Logits of every member, shape (m, N, C)."
+        vec = self.vectorize and (x.device.type == "cuda" if vectorize is None else vectorize)
+        if vec:
+            return self._pack(x.device)(x)
         was_training = [m.training for m in self.members]
         for m in self.members:
             m.eval()
         try:
-            if not self.vectorize:
-                return torch.stack([m(x) for m in self.members])
-            params, buffers, base, _ = self._stack(x.device)
-
-            def one(p, b, inp):
-                return functional_call(base, (p, b), (inp,))
-
-            return torch.vmap(one, in_dims=(0, 0, None))(params, buffers, x)
+            return torch.stack([m(x) for m in self.members])
         finally:
             for m, t in zip(self.members, was_training):
                 m.train(t)
@@ -196,12 +126,6 @@ class Ensemble(nn.Module):
         return ensemble_logits(self.member_logits(x))
 
 # %% ../chapters/a3_training.ipynb #d72af105
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _as_float_images(images, device) -> torch.Tensor:
     x = images.images if isinstance(images, ImageSet) else images
     x = x.to(device)
@@ -218,7 +142,7 @@ def predict_logits(model_or_models,  # an nn.Module, an Ensemble, or a list of m
                    images,  # an ImageSet, a uint8 batch (N, C, H, W) or float images in [-1, 1]
                    batch_size: int = 1000,  # examples per forward pass
                    device=None,  # where to compute; default: the model's device
-                   amp: bool = False,  # bf16 autocast (CUDA only)
+                   amp: bool = False,  # bf16 autocast (CUDA only); evaluation in the book is fp32
                    return_members: bool = False,  # for ensembles: (m, N, C) member logits
                    ) -> torch.Tensor:
     "Logits of a model (or an ensemble's log mean probabilities) in eval mode, as a float32 CPU tensor."
@@ -234,15 +158,15 @@ def predict_logits(model_or_models,  # an nn.Module, an Ensemble, or a list of m
     try:
         for start in range(0, len(x_all), batch_size):
             x = _as_float_images(x_all[start:start + batch_size], device)
-            with _autocast(device, amp):
+            with autocast(device, amp):
                 if return_members:
                     z = model.member_logits(x) if isinstance(model, Ensemble) else model(x)[None]
                 else:
                     z = model(x)
-            outs.append(z.float().cpu())
+            outs.append(z.float())  # stays on the device: one copy to the host at the end
     finally:
         model.train(was)
-    return torch.cat(outs, dim=1 if return_members else 0)
+    return torch.cat(outs, dim=1 if return_members else 0).cpu()
 
 
 def evaluate(student_logits: torch.Tensor,  # (N, C) logits of the model being judged
@@ -262,14 +186,6 @@ def evaluate(student_logits: torch.Tensor,  # (N, C) logits of the model being j
     return out
 
 # %% ../chapters/a3_training.ipynb #da57dc64
-def batch_starts(n: int, batch_size: int) -> list[int]:
-    "Start offsets of the batches of one epoch over n examples (a trailing batch of one is dropped)."
-    starts = list(range(0, n, batch_size))
-    if n > 1 and n - starts[-1] == 1:
-        starts.pop()
-    return starts
-
-
 def ce_loss(model, x, y):
     "Supervised step loss: cross-entropy of the model's logits against the labels."
     if y is None:
@@ -293,38 +209,21 @@ def kd_step_loss(teacher: nn.Module,  # the (ensemble) teacher; evaluated withou
     return loss
 
 
-def train_epoch(model: nn.Module,  # the network being trained (already on the device)
-                optimizer: torch.optim.Optimizer,
-                images: torch.Tensor,  # uint8 (N, C, H, W) on the device
-                labels: torch.Tensor,  # (N,) on the device
-                loss_fn,  # (model, x, y) -> scalar loss
-                cfg: TrainConfig,
-                shuffle_gen: torch.Generator,  # CPU generator for the order of examples
-                aug_gen: torch.Generator,  # generator on the device for augmentation
-                step: int,  # steps taken before this epoch (for the schedule)
-                total_steps: int,  # steps of the whole run
-                augment_kw: dict | None = None,  # extra arguments of kdbook.augment.augment
-                ) -> tuple[float, int]:
-    "One pass over the data; returns (mean step loss, steps taken so far)."
+def train_epoch(model, optimizer, images, labels, loss_fn, cfg: TrainConfig, shuffle_gen, aug_gen, step: int,
+                total_steps: int, augment_kw: dict | None = None) -> tuple[float, int]:
+    "A plain eager epoch with a torch.optim optimizer (a reference for the engine); returns (mean loss, steps)."
     device = images.device
-    use_cl = cfg.channels_last and device.type == "cuda" and images.dim() == 4
-    n = len(labels)
-    order = torch.randperm(n, generator=shuffle_gen).to(device)
+    order = torch.randperm(len(labels), generator=shuffle_gen).to(device)
     model.train()
     loss_sum = torch.zeros((), device=device)
-    starts = batch_starts(n, cfg.batch_size)
+    starts = batch_starts(len(labels), cfg.batch_size)
     for start in starts:
         idx = order[start:start + cfg.batch_size]
         x = augment(to_float(images[idx]), cfg.policy, aug_gen, **(augment_kw or {}))
-        if use_cl:
-            x = x.contiguous(memory_format=torch.channels_last)
-        lr = cosine_lr(step, total_steps, cfg.lr, cfg.lr_min)
         for group in optimizer.param_groups:
-            group["lr"] = lr
-        # 'ood' and 'synthetic' append unlabelled rows: the batch then has no labels
-        y = labels[idx] if x.shape[0] == idx.numel() else None
-        with _autocast(device, cfg.amp):
-            loss = loss_fn(model, x, y)
+            group["lr"] = cosine_lr(step, total_steps, cfg.lr, cfg.lr_min)
+        with autocast(device, cfg.amp):
+            loss = loss_fn(model, x, labels[idx] if x.shape[0] == idx.numel() else None)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -332,74 +231,12 @@ def train_epoch(model: nn.Module,  # the network being trained (already on the d
         step += 1
     return float(loss_sum) / max(len(starts), 1), step
 
-# %% ../chapters/a3_training.ipynb #f91a2c83
-def _save_training_state(path, model, optimizer, shuffle_gen, aug_gen, epoch, step, history, cfg):
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "shuffle_gen": shuffle_gen.get_state(), "aug_gen": aug_gen.get_state(),
-             "epoch": epoch, "step": step, "history": json.dumps(history), "config": json.dumps(cfg.to_dict())}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _load_training_state(path, model, optimizer, shuffle_gen, aug_gen, cfg):
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    saved = json.loads(state["config"])
-    mine = cfg.to_dict()
-    differ = sorted(k for k in mine if k not in ("progress", "device") and saved.get(k) != mine[k])
-    if differ:
-        raise ValueError(f"checkpoint {path} was written with different settings ({', '.join(differ)}); "
-                         "delete it or pass another checkpoint path")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    shuffle_gen.set_state(state["shuffle_gen"])
-    aug_gen.set_state(state["aug_gen"])
-    return int(state["epoch"]), int(state["step"]), json.loads(state["history"])
-
 # %% ../chapters/a3_training.ipynb #7f556e1a
-def _seeded_generators(seed: int, device: torch.device):
-    shuffle_gen = torch.Generator().manual_seed(seed)
-    aug_gen = torch.Generator(device=device).manual_seed(seed + 1_000_003)
-    return shuffle_gen, aug_gen
-
-
 def _prepare_model(model: nn.Module, device: torch.device, cfg: TrainConfig) -> nn.Module:
     model = model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-def _train(model, images, labels, loss_fn, evaluate_fn, cfg, seed, device, checkpoint=None,
-           callback=None, augment_kw=None, history=None):
-    optimizer = make_optimizer(model.parameters(), cfg)
-    shuffle_gen, aug_gen = _seeded_generators(seed, device)
-    total_steps = cfg.epochs * len(batch_starts(len(labels), cfg.batch_size))
-    epoch, step = 0, 0
-    history = history if history is not None else {}
-    history.update({k: [] for k in ("epoch", "step", "lr", "train_loss", "wall_time_s")})
-    if checkpoint is not None and Path(checkpoint).exists():
-        epoch, step, history = _load_training_state(checkpoint, model, optimizer, shuffle_gen, aug_gen, cfg)
-    t0 = time.perf_counter() - (history["wall_time_s"][-1] if history["wall_time_s"] else 0.0)
-    bar = tqdm(range(epoch, cfg.epochs), initial=epoch, total=cfg.epochs, disable=not cfg.progress, desc="epochs")
-    for epoch in bar:
-        loss, step = train_epoch(model, optimizer, images, labels, loss_fn, cfg, shuffle_gen, aug_gen,
-                                 step, total_steps, augment_kw)
-        done = epoch + 1
-        if done % cfg.eval_every == 0 or done == cfg.epochs:
-            scores = evaluate_fn(model)
-            for key, value in {"epoch": done, "step": step, "lr": cosine_lr(step, total_steps, cfg.lr, cfg.lr_min),
-                               "train_loss": loss, "wall_time_s": time.perf_counter() - t0, **scores}.items():
-                history.setdefault(key, []).append(value)
-            bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in scores.items() if k.startswith("test_acc")})
-        if checkpoint is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.epochs):
-            _save_training_state(checkpoint, model, optimizer, shuffle_gen, aug_gen, done, step, history, cfg)
-        if callback is not None:
-            callback(done, history)
-    model.eval()
-    return history
 
 
 def _check_images(name, data):
@@ -409,11 +246,26 @@ def _check_images(name, data):
         raise ValueError(f"{name} is empty")
 
 
+def _check_seed(seed):
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    return seed
+
+
+def _run(name, model, models, images, labels, cfg, seeds, device, **kw) -> list:
+    "Build the engine's Run and execute it with the caller's CPU RNG restored afterwards."
+    fingerprint = data_fingerprint(images, labels)
+    run = Run(name=name, model=model, models=models, images=images, labels=labels, cfg=cfg, seeds=list(seeds),
+              device=device, fingerprint=fingerprint, **kw)
+    with torch.random.fork_rng(devices=[]):
+        return train_loop(run)
+
+
 def fit(model: nn.Module,  # the network to train (its initial weights are the caller's: see make_model)
         train: ImageSet,  # labelled training images (uint8)
         test: ImageSet,  # labelled test images (uint8)
         cfg: TrainConfig,  # optimisation settings
-        seed: int,  # seed of the data order and the augmentation
+        seed: int,  # seed of the data order, the augmentation and dropout
         checkpoint: str | Path | None = None,  # resumable checkpoint file (saved every cfg.checkpoint_every epochs)
         callback=None,  # called as callback(epoch, history) after every epoch
         augment_kw: dict | None = None,  # extra arguments of kdbook.augment.augment
@@ -421,41 +273,21 @@ def fit(model: nn.Module,  # the network to train (its initial weights are the c
     "Supervised training (appendix A.3) → history of lists: epoch, lr, train_loss, test_acc/nll/ece."
     _check_images("train", train)
     _check_images("test", test)
+    _check_seed(seed)
     device = resolve_device(cfg.device)
     model = _prepare_model(model, device, cfg)
-    images, labels = train.images.to(device), train.labels.to(device)
-    test_images, test_labels = test.images.to(device), test.labels.to(device)
+    test_images, test_labels = test.images.to(device), test.labels.cpu()
 
-    def evaluate_fn(m):
-        z = predict_logits(m, test_images, cfg.eval_batch_size, device, cfg.amp)
-        return {f"test_{k}": v for k, v in evaluate(z, labels=test_labels.cpu()).items()}
+    def evaluate_fn(i):
+        z = predict_logits(model, test_images, cfg.eval_batch_size, device)
+        return {f"test_{k}": v for k, v in evaluate(z, labels=test_labels).items()}
 
-    return _train(model, images, labels, ce_loss, evaluate_fn, cfg, seed, device, checkpoint, callback, augment_kw)
+    return _run(f"fit of a {type(model).__name__} (seed {seed})", model, [model], train.images.to(device),
+                train.labels.to(device), cfg, [seed], device, evaluate=evaluate_fn, copy_back=lambda: None,
+                histories=[{}], checkpoint=checkpoint, callback=callback, augment_kw=augment_kw)[0]
 
 
-def distill(student: nn.Module,  # the network to train
-            teachers,  # an nn.Module, a list of them (an ensemble, paper §3) or an Ensemble
-            distill_data: ImageSet,  # the distillation data (its labels are used only when alpha > 0)
-            test: ImageSet,  # labelled test images
-            cfg: TrainConfig,  # optimisation settings
-            seed: int,  # seed of the data order and the augmentation
-            tau: float = 4.0,  # softmax temperature of the KD term
-            alpha: float = 0.0,  # weight of the NLL term (Eq. 1)
-            extra_data: ImageSet | None = None,  # extra unlabelled images mixed into the distillation data
-            checkpoint: str | Path | None = None,  # resumable checkpoint file
-            callback=None,  # called as callback(epoch, history) after every epoch
-            augment_kw: dict | None = None,  # extra arguments of kdbook.augment.augment
-            ) -> dict:
-    "Knowledge distillation (Eq. 1) → history: test acc/nll/ece/agreement/kl and agreement/kl on distill_data."
-    _check_images("distill_data", distill_data)
-    _check_images("test", test)
-    tau, alpha = check_tau(tau), check_alpha(alpha)
-    if alpha > 0 and extra_data is not None:
-        raise ValueError("alpha > 0 needs true labels for every example, but extra_data is unlabelled: use alpha=0")
-    device = resolve_device(cfg.device)
-    student = _prepare_model(student, device, cfg)
-    teacher = teachers if isinstance(teachers, Ensemble) else Ensemble(teachers)
-    teacher = _prepare_model(teacher, device, cfg)
+def _distill_inputs(distill_data, extra_data, device):
     images, labels = distill_data.images.to(device), distill_data.labels.to(device)
     if extra_data is not None:
         _check_images("extra_data", extra_data)
@@ -464,151 +296,121 @@ def distill(student: nn.Module,  # the network to train
                              f"distill_data images {tuple(distill_data.images.shape[1:])}")
         images = torch.cat([images, extra_data.images.to(device)])
         labels = torch.cat([labels, torch.full((len(extra_data),), -1, dtype=labels.dtype, device=device)])
-    test_images, test_labels = test.images.to(device), test.labels.cpu()
-    n_distill = len(distill_data)
-    teacher_test = predict_logits(teacher, test_images, cfg.eval_batch_size, device, cfg.amp)
-    teacher_train = predict_logits(teacher, images[:n_distill], cfg.eval_batch_size, device, cfg.amp)
-    history = {f"teacher_test_{k}": [v] for k, v in evaluate(teacher_test, labels=test_labels).items()}
+    return images, labels
 
-    def evaluate_fn(m):
-        z = predict_logits(m, test_images, cfg.eval_batch_size, device, cfg.amp)
-        zd = predict_logits(m, images[:n_distill], cfg.eval_batch_size, device, cfg.amp)
+
+def _distill_eval(teacher, images, n_distill, test, cfg, device):
+    "Teacher scores and a function scoring a student on the test set and the clean distillation images."
+    test_images, test_labels = test.images.to(device), test.labels.cpu()
+    teacher_test = predict_logits(teacher, test_images, cfg.eval_batch_size, device)
+    teacher_train = predict_logits(teacher, images[:n_distill], cfg.eval_batch_size, device)
+    first = {f"teacher_test_{k}": [v] for k, v in evaluate(teacher_test, labels=test_labels).items()}
+
+    def score(m):
+        z = predict_logits(m, test_images, cfg.eval_batch_size, device)
+        zd = predict_logits(m, images[:n_distill], cfg.eval_batch_size, device)
         out = {f"test_{k}": v for k, v in evaluate(z, teacher_test, test_labels).items()}
+        # distill_*: the un-augmented distillation images, eval mode (not the paper's train agreement)
         out.update({f"distill_{k}": v for k, v in evaluate(zd, teacher_train).items()})
         return out
 
-    return _train(student, images, labels, kd_step_loss(teacher, tau, alpha), evaluate_fn, cfg, seed, device,
-                  checkpoint, callback, augment_kw, history=history)
+    return first, score
+
+
+def distill(student: nn.Module,  # the network to train
+            teachers,  # an nn.Module, a list of them (an ensemble, paper §3) or an Ensemble
+            distill_data: ImageSet,  # the distillation data (its labels are used only when alpha > 0)
+            test: ImageSet,  # labelled test images
+            cfg: TrainConfig,  # optimisation settings
+            seed: int,  # seed of the data order, the augmentation and dropout
+            tau: float = 4.0,  # softmax temperature of the KD term
+            alpha: float = 0.0,  # weight of the NLL term (Eq. 1)
+            extra_data: ImageSet | None = None,  # extra unlabelled images mixed into the distillation data
+            checkpoint: str | Path | None = None,  # resumable checkpoint file
+            callback=None,  # called as callback(epoch, history) after every epoch
+            augment_kw: dict | None = None,  # extra arguments of kdbook.augment.augment
+            ) -> dict:
+    "Knowledge distillation (Eq. 1) → history: test acc/nll/ece/agreement/kl, train_agreement/train_kd_loss, distill_*."
+    _check_images("distill_data", distill_data)
+    _check_images("test", test)
+    _check_seed(seed)
+    tau, alpha = check_tau(tau), check_alpha(alpha)
+    if alpha > 0 and extra_data is not None:
+        raise ValueError("alpha > 0 needs true labels for every example, but extra_data is unlabelled: use alpha=0")
+    device = resolve_device(cfg.device)
+    student = _prepare_model(student, device, cfg)
+    teacher = _prepare_model(teachers if isinstance(teachers, Ensemble) else Ensemble(teachers), device, cfg)
+    images, labels = _distill_inputs(distill_data, extra_data, device)
+    first, score = _distill_eval(teacher, images, len(distill_data), test, cfg, device)
+    return _run(f"distillation of a {type(student).__name__} (seed {seed}, tau {tau}, alpha {alpha})", student,
+                [student], images, labels, cfg, [seed], device, teacher=teacher, tau=tau, alpha=alpha,
+                evaluate=lambda i: score(student), copy_back=lambda: None, histories=[first],
+                checkpoint=checkpoint, callback=callback, augment_kw=augment_kw)[0]
 
 # %% ../chapters/a3_training.ipynb #cb3529d9
-def _stack_params(models):
-    if len(models) == 0:
-        raise ValueError("need at least one model")
-    if not _same_architecture(models):
-        raise ValueError("the models must share one architecture to be trained together; loop over fit/distill instead")
-    if any(True for m in models for _ in m.buffers()):
-        raise ValueError("models with buffers (BatchNorm running statistics) cannot be stacked: use norm='layer', "
-                         "or loop over fit/distill")
-    names = [k for k, _ in models[0].named_parameters()]
-    params = {k: torch.stack([dict(m.named_parameters())[k].detach() for m in models]).clone().requires_grad_(True)
-              for k in names}
-    return params, copy.deepcopy(models[0]).to("meta")
+def _pack(models, shared_input: bool):
+    "k models as one packed network (kdbook.packing) taking (k, B, ...) (or a shared (B, ...)), returning (k, B, C)."
+    reason = can_pack(list(models))
+    if reason is not None:
+        raise ValueError(f"these models cannot be trained together ({reason}); loop over fit/distill instead")
+    return pack(list(models), shared_input=shared_input)
 
 
-@torch.no_grad()
-def _unstack_params(params, models):
-    for i, m in enumerate(models):
-        for k, p in m.named_parameters():
-            p.copy_(params[k][i])
-
-
-def _train_many(models, images, labels, teacher, tau, alpha, evaluate_fn, cfg, seeds, device, augment_kw=None,
-                histories=None):
-    k = len(models)
+def _check_seeds(seeds, k):
     if len(seeds) != k:
         raise ValueError(f"need one seed per model: got {len(seeds)} seeds for {k} models")
-    models = [m.to(device) for m in models]
-    params, base = _stack_params(models)
-    optimizer = make_optimizer(list(params.values()), cfg)
-    gens = [_seeded_generators(s, device) for s in seeds]
-    n = len(labels)
-    starts = batch_starts(n, cfg.batch_size)
-    total_steps = cfg.epochs * len(starts)
-    histories = histories if histories is not None else [{} for _ in models]
-    for h in histories:
-        h.update({key: [] for key in ("epoch", "step", "lr", "train_loss", "wall_time_s")})
-
-    def student_logits(p, x):
-        return functional_call(base, p, (x,))
-
-    t0, step = time.perf_counter(), 0
-    for epoch in tqdm(range(cfg.epochs), disable=not cfg.progress, desc=f"epochs ({k} models)"):
-        orders = [torch.randperm(n, generator=g[0]).to(device) for g in gens]
-        loss_sums = torch.zeros(k, device=device)
-        for start in starts:
-            idxs = [o[start:start + cfg.batch_size] for o in orders]
-            xs = torch.stack([augment(to_float(images[idx]), cfg.policy, g[1], **(augment_kw or {}))
-                              for idx, g in zip(idxs, gens)])
-            if xs.shape[1] != idxs[0].numel():
-                raise ValueError("policies that add images ('ood', 'synthetic') are not supported by *_many yet")
-            ys = torch.stack([labels[idx] for idx in idxs])
-            lr = cosine_lr(step, total_steps, cfg.lr, cfg.lr_min)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with _autocast(device, cfg.amp):
-                z = torch.vmap(student_logits)(params, xs).float()  # (k, B, C)
-                if teacher is None:
-                    losses = torch.stack([F.cross_entropy(z[i], ys[i]) for i in range(k)])
-                else:
-                    with torch.no_grad():  # one teacher call labels all k batches
-                        zt = teacher(xs.flatten(0, 1)).float().view(k, xs.shape[1], -1)
-                    losses = torch.stack([kd_loss(z[i], zt[i], labels=ys[i] if alpha > 0 else None, tau=tau, alpha=alpha)
-                                          for i in range(k)])
-            optimizer.zero_grad(set_to_none=True)
-            losses.sum().backward()
-            optimizer.step()
-            loss_sums += losses.detach()
-            step += 1
-        done = epoch + 1
-        if done % cfg.eval_every == 0 or done == cfg.epochs:
-            _unstack_params(params, models)
-            mean_losses = (loss_sums / len(starts)).tolist()
-            for m, h, loss in zip(models, histories, mean_losses):
-                scores = evaluate_fn(m)
-                for key, value in {"epoch": done, "step": step, "lr": cosine_lr(step, total_steps, cfg.lr, cfg.lr_min),
-                                   "train_loss": loss, "wall_time_s": time.perf_counter() - t0, **scores}.items():
-                    h.setdefault(key, []).append(value)
-    _unstack_params(params, models)
-    for m in models:
-        m.eval()
-    return histories
+    for s in seeds:
+        _check_seed(s)
 
 
-def fit_many(models: list,  # k models of one architecture without BatchNorm buffers
+def fit_many(models: list,  # k models of one architecture
              train: ImageSet, test: ImageSet, cfg: TrainConfig,
              seeds: list,  # one seed per model (data order and augmentation, as fit's seed)
              augment_kw: dict | None = None,
              ) -> list:
-    "fit for k models at once (stacked weights, one vmapped step); returns k histories."
+    "fit for k models at once (packed as one network, one step); the caller's modules get the weights; k histories."
     _check_images("train", train)
     _check_images("test", test)
+    _check_seeds(seeds, len(models))
     device = resolve_device(cfg.device)
+    models = [_prepare_model(m, device, cfg) for m in models]
+    packed = _pack(models, shared_input=False).to(device)
     test_images, test_labels = test.images.to(device), test.labels.cpu()
 
-    def evaluate_fn(m):
-        z = predict_logits(m, test_images, cfg.eval_batch_size, device, cfg.amp)
+    def evaluate_fn(i):
+        z = predict_logits(models[i], test_images, cfg.eval_batch_size, device)
         return {f"test_{k}": v for k, v in evaluate(z, labels=test_labels).items()}
 
-    return _train_many(models, train.images.to(device), train.labels.to(device), None, None, 0.0, evaluate_fn,
-                       cfg, seeds, device, augment_kw)
+    return _run(f"fit_many of {len(models)} x {type(models[0]).__name__} (seeds {list(seeds)})", packed, models,
+                train.images.to(device), train.labels.to(device), cfg, seeds, device, k=len(models), packed=True,
+                evaluate=evaluate_fn, copy_back=lambda: packed.copy_to(models), histories=[{} for _ in models],
+                augment_kw=augment_kw)
 
 
-def distill_many(students: list,  # k students of one architecture without BatchNorm buffers
+def distill_many(students: list,  # k students of one architecture
                  teachers,  # one teacher (module, list of modules or Ensemble) shared by all students
                  distill_data: ImageSet, test: ImageSet, cfg: TrainConfig,
                  seeds: list,  # one seed per student (data order and augmentation, as distill's seed)
                  tau: float = 4.0, alpha: float = 0.0,
                  augment_kw: dict | None = None,
+                 same_batches: bool = False,  # all students see the batches of seeds[0]: one teacher call labels all
                  ) -> list:
-    "distill for k students at once (stacked weights, one vmapped step, one teacher call); k histories."
+    "distill for k students at once (packed as one network, one step); k histories."
     _check_images("distill_data", distill_data)
     _check_images("test", test)
+    _check_seeds(seeds, len(students))
+    if not isinstance(same_batches, bool):
+        raise ValueError(f"same_batches must be True or False, got {same_batches!r}")
     tau, alpha = check_tau(tau), check_alpha(alpha)
     device = resolve_device(cfg.device)
-    teacher = teachers if isinstance(teachers, Ensemble) else Ensemble(teachers)
-    teacher = teacher.to(device)
+    students = [_prepare_model(m, device, cfg) for m in students]
+    packed = _pack(students, shared_input=same_batches).to(device)
+    teacher = _prepare_model(teachers if isinstance(teachers, Ensemble) else Ensemble(teachers), device, cfg)
     images, labels = distill_data.images.to(device), distill_data.labels.to(device)
-    test_images, test_labels = test.images.to(device), test.labels.cpu()
-    teacher_test = predict_logits(teacher, test_images, cfg.eval_batch_size, device, cfg.amp)
-    teacher_train = predict_logits(teacher, images, cfg.eval_batch_size, device, cfg.amp)
-    first = {f"teacher_test_{k}": [v] for k, v in evaluate(teacher_test, labels=test_labels).items()}
-
-    def evaluate_fn(m):
-        z = predict_logits(m, test_images, cfg.eval_batch_size, device, cfg.amp)
-        zd = predict_logits(m, images, cfg.eval_batch_size, device, cfg.amp)
-        out = {f"test_{k}": v for k, v in evaluate(z, teacher_test, test_labels).items()}
-        out.update({f"distill_{k}": v for k, v in evaluate(zd, teacher_train).items()})
-        return out
-
-    return _train_many(students, images, labels, teacher, tau, alpha, evaluate_fn, cfg, seeds, device, augment_kw,
-                       histories=[copy.deepcopy(first) for _ in students])
+    first, score = _distill_eval(teacher, images, len(distill_data), test, cfg, device)
+    first["same_batches"] = same_batches
+    return _run(f"distill_many of {len(students)} x {type(students[0]).__name__} (seeds {list(seeds)}, tau {tau}, "
+                f"alpha {alpha})", packed, students, images, labels, cfg, seeds, device, k=len(students), packed=True,
+                shared_input=same_batches, teacher=teacher, tau=tau, alpha=alpha,
+                evaluate=lambda i: score(students[i]), copy_back=lambda: packed.copy_to(students),
+                histories=[copy.deepcopy(first) for _ in students], augment_kw=augment_kw)

@@ -1,0 +1,132 @@
+"Fast CPU checks of kdbook.zoo (chapters/23_synthetic.ipynb): the teacher zoo's store keys, and bad input refused with the store untouched."
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdbook.data import ImageSet
+from kdbook.store import Store
+from kdbook.zoo import (ENSEMBLE_SIZES, STUDENT_NAME, ZOO_NAME, Recipe, check_ensemble_size, check_synthetic_sizes,
+                        distill_student, gpu_minutes, mixup_standin, student_recipe, synthetic_subset, teacher_recipe,
+                        zoo_ensemble, zoo_params, zoo_teachers)
+
+TINY = Recipe(width=2, epochs=1, batch_size=16)
+
+
+def toy(n: int, seed: int) -> ImageSet:
+    g = torch.Generator().manual_seed(seed)
+    return ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(n) % 100,
+                    [str(i) for i in range(100)], "toy", "random pixels")
+
+
+def files(root: Path) -> list:
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+@pytest.fixture(scope="module")
+def data():
+    return toy(32, 0), toy(16, 1)
+
+
+def test_paper_recipes_follow_appendix_a3():
+    t, s = teacher_recipe("paper"), student_recipe("paper")
+    assert (t.arch, t.width, t.epochs, t.batch_size, t.lr, t.lr_min, t.weight_decay) == ("resnet56", 16, 200, 256, 0.1, 0.0, 1e-4)
+    assert (s.epochs, s.batch_size, s.lr, s.lr_min) == (300, 128, 0.05, 1e-6)
+    cfg = t.config(device="cpu")
+    assert cfg.nesterov and cfg.momentum == 0.9 and cfg.policy == "baseline"
+    with pytest.raises(ValueError, match="unknown profile"):
+        teacher_recipe("fast")
+
+
+def test_zoo_key_depends_on_recipe_and_data_not_on_device(data):
+    train, test = data
+    p = zoo_params(TINY, train, test)
+    assert "device" not in str(p) and "packed" not in str(p)
+    assert zoo_params(TINY, train, test) == p
+    assert zoo_params(Recipe(width=2, epochs=2, batch_size=16), train, test) != p
+    assert zoo_params(TINY, toy(32, 5), test) != p  # other images, other teacher
+
+
+def test_packed_and_alone_give_the_same_store_keys(tmp_path, data):
+    train, test = data
+    a, b = Store(tmp_path / "a", verbose=False), Store(tmp_path / "b", verbose=False)
+    packed = zoo_teachers(a, [3, 4], train, test, TINY, device="cpu", packed=True)
+    alone = zoo_teachers(b, [3, 4], train, test, TINY, device="cpu", packed=False)
+    assert [r["key"] for r, _ in packed] == [r["key"] for r, _ in alone]
+    assert [r["result"]["trained"] for r, _ in packed] == ["packed with 2"] * 2
+    assert [r["result"]["trained"] for r, _ in alone] == ["alone"] * 2
+    assert not list((tmp_path / "a").parent.rglob("*.pt"))  # no resumable checkpoint is left behind
+    again = zoo_teachers(a, [4, 3], train, test, TINY, device="cpu", packed=True)  # reused, any order
+    assert a.counts[ZOO_NAME]["computed"] == 2 and a.counts[ZOO_NAME]["reused"] == 2
+    assert [r["seed"] for r, _ in again] == [4, 3]
+
+
+@pytest.mark.parametrize("seeds,match", [([], "non-empty"), ([1, 1], "distinct"), ([-1], ">= 0"), ([True], "integers")])
+def test_bad_seeds_leave_the_store_untouched(tmp_path, data, seeds, match):
+    store = Store(tmp_path / "results", verbose=False)
+    with pytest.raises(ValueError, match=match):
+        zoo_teachers(store, seeds, *data, TINY, device="cpu")
+    assert files(tmp_path) == []
+
+
+@pytest.mark.parametrize("m,available,match", [(2, 6, "unknown ensemble size"), (4, 6, "unknown ensemble size"),
+                                               (0, 6, "unknown ensemble size"), (True, 6, "unknown ensemble size"),
+                                               (5, 3, "only 3")])
+def test_unknown_or_unavailable_ensemble_sizes(m, available, match):
+    with pytest.raises(ValueError, match=match):
+        check_ensemble_size(m, available)
+    with pytest.raises(ValueError, match=match):
+        zoo_ensemble([None] * available, m)
+
+
+def test_known_ensemble_sizes_take_the_first_members():
+    zoo = list(range(6))
+    for m in ENSEMBLE_SIZES:
+        assert zoo_ensemble(zoo, m) == zoo[:m]
+
+
+def test_synthetic_size_larger_than_generated_is_refused(tmp_path, data):
+    train, test = data
+    images = mixup_standin(train, 10, seed=0)
+    with pytest.raises(ValueError, match=r"\[20\] exceed the 10 synthetic images"):
+        check_synthetic_sizes([0, 5, 20], len(images))
+    with pytest.raises(ValueError, match="exceed"):
+        synthetic_subset(images, 11, "stand-in", train.classes)
+    with pytest.raises(ValueError, match="non-empty"):
+        check_synthetic_sizes([], 10)
+    # a size that does not match the images given is refused before the store or the teachers are touched
+    store = Store(tmp_path / "results", verbose=False)
+    with pytest.raises(ValueError, match="4 synthetic images were given"):
+        distill_student(store, [], train, test, synthetic_subset(images, 4, "stand-in", train.classes),
+                        {"source": "mixup", "key": "k", "size": 8}, TINY, seed=0, device="cpu")
+    assert files(tmp_path) == []
+
+
+def test_synthetic_subsets_are_nested_and_unlabelled(data):
+    train, _ = data
+    images = mixup_standin(train, 12, seed=1)
+    small, big = synthetic_subset(images, 4, "s", train.classes), synthetic_subset(images, 8, "s", train.classes)
+    assert torch.equal(small.images, big.images[:4])
+    assert big.labels.tolist() == [-1] * 8
+    assert synthetic_subset(images, 0, "s", train.classes) is None
+
+
+def test_student_record_names_its_teachers_and_reports_train_agreement(tmp_path, data):
+    train, test = data
+    store = Store(tmp_path / "results", verbose=False)
+    zoo = zoo_teachers(store, [0, 1], train, test, TINY, device="cpu")
+    syn = synthetic_subset(mixup_standin(train, 8, seed=2), 8, "stand-in", train.classes)
+    rec = distill_student(store, zoo_ensemble(zoo, 1), train, test, syn, {"source": "mixup", "key": "k", "size": 8},
+                          TINY, seed=7, device="cpu", controls=[zoo[1]])
+    r = rec["result"]
+    assert r["n_distill"] == 40 and 0 <= r["train_agreement"] <= 100 and r["test_kl"] >= 0
+    assert set(rec["meta"]["depends"]) == {f"{ZOO_NAME}/{z['key']}" for z, _ in zoo}
+    assert rec["params"]["teachers"] == [zoo[0][0]["key"]] and rec["params"]["controls"] == [zoo[1][0]["key"]]
+    assert store.counts[STUDENT_NAME]["computed"] == 1
+
+
+def test_gpu_minutes_adds_teacher_and_student_images():
+    g = gpu_minutes(2, Recipe(epochs=3), 1000, Recipe(epochs=2), [0, 500], 4,
+                    basis={"teacher_fit": 100.0, "distill": 50.0})
+    assert g["images"] == {"teachers": 6000, "students": 4 * 2 * 2500}
+    assert g["teachers"] == pytest.approx(6000 / 100 / 60) and g["students"] == pytest.approx(20000 / 50 / 60)
