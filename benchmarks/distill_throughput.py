@@ -7,13 +7,16 @@ Distils an ensemble of `--members` pre-activation ResNet-`--depth` teachers into
   (b) engine, eager: uint8 data on the device, augmentation on the device, the engine's step
       (kdbook.engine.Step: bf16 autocast + channels_last on CUDA), cuda_graphs off;
   (c) engine, graphed: the same step captured whole in a CUDA graph (CUDA only);
-  (d) k students packed as one network, graphed, k = 1, 4, 8, 16 (CPU: 1, 2, 4), each student with its own
-      batches, and with same_batches (all k students see one batch: one teacher forward labels all);
-  (t) teachers: `--members` ResNet-`--depth` networks trained from scratch (batch `--teacher-batch-size`)
-      packed as one network against one at a time.
-Prints images/s per student, the ratio to (a) and the seconds per 50,000-image epoch per student (per
-teacher for (t)), and writes every row to results/benchmarks/<device-slug>[-<tag>].json (rendered by
-chapters/a3_training.ipynb). A row that fails records its error and the others still run.
+  (d) k students trained in one graphed step (`--packing`: "loop", one after another, the default of
+      distill_many; or "grouped", one packed network), k = 1, 4, 8, 16 (CPU: 1, 4), each student with
+      its own batches, and with same_batches (all k students see one batch: one teacher forward labels all);
+      plus k = 4 with the other packing, for comparison;
+  (t) teachers: `--members` ResNet-`--depth` networks trained from scratch (batch `--teacher-batch-size`),
+      one at a time and k in one step (loop and grouped).
+Prints, per row, images/s per model and for all k models together, the ratio of the total to (a), and the
+seconds per 50,000-image epoch per model (and amortised: 50,000 / total images/s), and writes every row to
+results/benchmarks/<device-slug>[-<tag>].json (rendered by chapters/a3_training.ipynb). A row that fails
+records its error and the others still run.
 
     python benchmarks/distill_throughput.py                           # small CPU configuration (< 2 min)
     python benchmarks/distill_throughput.py --device cuda             # 5 x ResNet-56 -> ResNet-56 (< 4 min on an H100)
@@ -39,7 +42,12 @@ from torchvision import transforms
 from kdbook.data import ImageSet, load_dataset
 from kdbook.engine import FunctionalOptimizer, GraphedStep, Step, Stream, TrainConfig, next_batch
 from kdbook.losses import ensemble_logits, kd_loss
-from kdbook.store import device_name, git_revision
+try:
+    from kdbook.store import device_name, git_revision
+except ImportError as e:  # kdbook.store needs the book's full environment; a bare GPU machine may lack it
+    print(f"kdbook.store not importable ({e}): the record gets a plain device name and no git revision")
+    device_name = platform.processor
+    git_revision = lambda repo: ("unknown", None)
 from kdbook.train import Ensemble, _pack, _prepare_model, make_model, make_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +108,7 @@ def time_standard(args, device, train):
 
 
 def time_engine(args, device, train, k=1, packed=False, same_batches=False, graphs=True, teachers=True,
-                batch_size=None):
+                batch_size=None, packing="loop"):
     "(b)-(d), (t): the engine's step (kdbook.engine.Step) on device-resident data, eager or graphed."
     batch_size = batch_size or args.batch_size
     gpu = device.type == "cuda"
@@ -110,7 +118,7 @@ def time_engine(args, device, train, k=1, packed=False, same_batches=False, grap
     if teachers:
         teacher = _prepare_model(Ensemble([net(args, i, device).eval() for i in range(args.members)]), device, cfg)
     students = [_prepare_model(net(args, 1000 + i, device), device, cfg) for i in range(k)]
-    model = _pack(students, shared_input=same_batches).to(device) if packed else students[0]
+    model = _pack(students, shared_input=same_batches, packing=packing).to(device) if packed else students[0]
     opt = FunctionalOptimizer(model.parameters(), cfg)
     step = Step(model, opt, k, teacher, tau=4.0, alpha=0.0, packed=packed, shared_input=same_batches,
                 amp=cfg.amp, device=device)
@@ -145,19 +153,24 @@ def slug(text: str) -> str:
 
 
 def rows_to_run(args, gpu):
-    ks = [int(v) for v in args.ks.split(",")] if args.ks else ([1, 4, 8, 16] if gpu else [1, 2, 4])
+    ks = [int(v) for v in args.ks.split(",")] if args.ks else ([1, 4, 8, 16] if gpu else [1, 4])
     rows = [("a", "standard loop: DataLoader + eager fp32", dict(fn="standard")),
             ("b", "engine, eager", dict(graphs=False))]
     if gpu:
         rows.append(("c", "engine, graphed", dict(graphs=True)))
+    other = "grouped" if args.packing == "loop" else "loop"
     for same in (False, True):
         for k in ks:
-            rows.append(("d", f"{k} packed students, graphed{', same batches' if same else ''}",
-                         dict(k=k, packed=True, same_batches=same, graphs=True)))
-    t = args.members
-    rows.append(("t", f"{t} teachers one at a time, graphed", dict(teachers=False, graphs=True, batch_size=args.teacher_batch_size)))
-    rows.append(("t", f"{t} teachers packed, graphed", dict(k=t, packed=True, teachers=False, graphs=True,
-                                                           batch_size=args.teacher_batch_size)))
+            rows.append(("d", f"{k} students in one step ({args.packing}){', same batches' if same else ''}",
+                         dict(k=k, packed=True, same_batches=same, packing=args.packing)))
+        k4 = ks[min(1, len(ks) - 1)]
+        rows.append(("d", f"{k4} students in one step ({other}){', same batches' if same else ''}",
+                     dict(k=k4, packed=True, same_batches=same, packing=other)))
+    t, tb = args.members, args.teacher_batch_size
+    rows.append(("t", "1 teacher, graphed", dict(teachers=False, batch_size=tb)))
+    for packing in ("loop", "grouped"):
+        rows.append(("t", f"{t} teachers in one step ({packing})", dict(k=t, packed=True, teachers=False, batch_size=tb,
+                                                                        packing=packing)))
     return rows
 
 
@@ -168,11 +181,13 @@ def main(argv=None):
     p.add_argument("--depth", type=int, default=None, help="ResNet depth (default: 20 on CPU, 56 on CUDA)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--teacher-batch-size", type=int, default=256)
-    p.add_argument("--ks", default="", help="packed students, comma-separated (default: 1,4,8,16 on CUDA, 1,2,4 on CPU)")
+    p.add_argument("--ks", default="", help="packed students, comma-separated (default: 1,4,8,16 on CUDA, 1,4 on CPU)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row (default: 2 on CPU, 30 on CUDA)")
+    p.add_argument("--note", default="", help="a sentence stored in the record (e.g. what was special about this run)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 1; graphed rows >= 5)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers of the standard loop")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--packing", default="loop", choices=["loop", "grouped"], help="how (d) runs k students in one step")
     p.add_argument("--synthetic", action="store_true", help="random uint8 images instead of CIFAR-100 (same speed)")
     p.add_argument("--out", default=str(REPO / "results" / "benchmarks"), help="folder of the JSON record")
     p.add_argument("--tag", default="", help="suffix of the record's file name (e.g. for concurrent runs)")
@@ -206,20 +221,23 @@ def main(argv=None):
           f"{args.batch_size}, {args.steps} timed steps per row")
     rows, base_ips = [], None
     for key, name, kw in rows_to_run(args, gpu):
-        row = {"row": key, "name": name, "k": kw.get("k", 1), "same_batches": kw.get("same_batches", False)}
+        row = {"row": key, "name": name, "k": kw.get("k", 1), "same_batches": kw.get("same_batches", False),
+               "packing": kw.get("packing", "loop") if kw.get("packed") else None}
         try:
             r = time_standard(args, device, train) if kw.get("fn") == "standard" else time_engine(args, device, train, **kw)
             ips_total = r["images"] * r["per"] / r["seconds"]
             ips = ips_total / r["per"]
             row.update(images_per_s_per_model=ips, images_per_s_total=ips_total, seconds=r["seconds"],
-                       s_per_50k_epoch_per_model=50_000 / ips, graphed=r.get("graphed", False),
-                       graph_error=r.get("graph_error"))
+                       s_per_50k_epoch_per_model=50_000 / ips, s_per_50k_epoch_amortized=50_000 / ips_total,
+                       graphed=r.get("graphed", False), graph_error=r.get("graph_error"))
             if key == "a":
                 base_ips = ips
             if key != "t" and base_ips:
                 row["ratio_to_a"] = ips / base_ips
-            print(f"({key}) {name:48s} {ips:9.1f} images/s per model  {50_000 / ips:7.1f} s per 50k epoch"
-                  + (f"  {row['ratio_to_a']:5.2f}x (a)" if "ratio_to_a" in row else "")
+                row["ratio_total_to_a"] = ips_total / base_ips
+            print(f"({key}) {name:44s} {ips:8.0f}/s per model {ips_total:8.0f}/s total  "
+                  f"{50_000 / ips:6.1f} s/epoch per model {50_000 / ips_total:6.1f} amortised"
+                  + (f"  total {row['ratio_total_to_a']:5.2f}x (a)" if "ratio_total_to_a" in row else "")
                   + ("" if not r.get("graph_error") else f"  [graph capture failed: {r['graph_error']}]"))
         except Exception as e:
             row["error"] = f"{type(e).__name__}: {e}"
@@ -237,7 +255,7 @@ def main(argv=None):
                    "teacher_batch_size": args.teacher_batch_size, "steps": args.steps, "warmup": args.warmup,
                    "num_workers": args.num_workers, "threads": torch.get_num_threads(), "device": str(device),
                    "tau": 4.0, "amp_bf16": gpu, "channels_last": gpu, "data": data_note},
-        "rows": rows,
+        "rows": rows, "note": args.note, "packing": args.packing,
         "torch": torch.__version__, "torchvision": torchvision.__version__, "numpy": np.__version__,
         "python": platform.python_version(), "git_rev": rev, "dirty": dirty,
         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,

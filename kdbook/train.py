@@ -17,8 +17,8 @@ import torch.nn.functional as F
 
 from .augment import augment
 from .data import ImageSet, to_float
-from .engine import (OPTIMIZERS, Run, TrainConfig, autocast, batch_starts, cosine_lr, data_fingerprint, resolve_device,
-                     train_loop)
+from .engine import (OPTIMIZERS, LoopStack, Run, TrainConfig, autocast, batch_starts, cosine_lr, data_fingerprint,
+                           resolve_device, train_loop)
 from .losses import check_alpha, check_tau, ensemble_logits, kd_loss
 from .metrics import accuracy, ece, nll, predictive_kl, top1_agreement
 from .packing import can_pack, pack
@@ -26,9 +26,9 @@ from .packing import can_pack, pack
 _all_ = ["OPTIMIZERS", "TrainConfig", "batch_starts", "cosine_lr", "resolve_device"]  # re-exported from kdbook.engine
 
 # %% auto #0
-__all__ = ['PROFILES', 'by_profile', 'make_optimizer', 'make_model', 'Ensemble', 'predict_logits', 'evaluate', 'ce_loss',
-           'kd_step_loss', 'train_epoch', 'fit', 'distill', 'fit_many', 'distill_many', 'OPTIMIZERS', 'TrainConfig',
-           'batch_starts', 'cosine_lr', 'resolve_device']
+__all__ = ['PROFILES', 'PACKINGS', 'by_profile', 'make_optimizer', 'make_model', 'Ensemble', 'predict_logits', 'evaluate',
+           'ce_loss', 'kd_step_loss', 'train_epoch', 'fit', 'distill', 'fit_many', 'distill_many', 'OPTIMIZERS',
+           'TrainConfig', 'batch_starts', 'cosine_lr', 'resolve_device']
 
 # %% ../chapters/a3_training.ipynb #56402b24
 PROFILES = ("smoke", "quick", "paper")
@@ -72,7 +72,7 @@ class Ensemble(nn.Module):
     "Teachers evaluated together in eval mode; calling it returns ensemble logits (paper §3)."
 
     def __init__(self, members,  # an nn.Module or a list of them
-                 vectorize: bool = True,  # on CUDA, run the members as one packed network when they can be packed
+                 vectorize: bool = True,  # allow running the members as one packed network (member_logits(vectorize=True))
                  ):
         super().__init__()
         members = list(members) if isinstance(members, (list, tuple, nn.ModuleList)) else [members]
@@ -97,10 +97,10 @@ class Ensemble(nn.Module):
 
     @torch.no_grad()
     def member_logits(self, x: torch.Tensor,
-                      vectorize: bool | None = None,  # None: packed on CUDA, a loop on CPU (faster there)
+                      vectorize: bool | None = None,  # True: one packed network; None/False: a loop (faster, measured)
                       ) -> torch.Tensor:
         "Logits of every member, shape (m, N, C)."
-        vec = self.vectorize and (x.device.type == "cuda" if vectorize is None else vectorize)
+        vec = self.vectorize and bool(vectorize)
         if vec:
             return self._pack(x.device)(x)
         was_training = [m.training for m in self.members]
@@ -348,11 +348,18 @@ def distill(student: nn.Module,  # the network to train
                 checkpoint=checkpoint, callback=callback, augment_kw=augment_kw)[0]
 
 # %% ../chapters/a3_training.ipynb #cb3529d9
-def _pack(models, shared_input: bool):
-    "k models as one packed network (kdbook.packing) taking (k, B, ...) (or a shared (B, ...)), returning (k, B, C)."
+PACKINGS = ("loop", "grouped")
+
+
+def _pack(models, shared_input: bool, packing: str = "loop"):
+    "k models as one module taking (k, B, ...) (or a shared (B, ...)) and returning (k, B, C)."
+    if packing not in PACKINGS:
+        raise ValueError(f"unknown packing {packing!r}: use one of {PACKINGS}")
     reason = can_pack(list(models))
     if reason is not None:
         raise ValueError(f"these models cannot be trained together ({reason}); loop over fit/distill instead")
+    if packing == "loop":
+        return LoopStack(list(models), shared_input=shared_input)
     return pack(list(models), shared_input=shared_input)
 
 
@@ -367,6 +374,7 @@ def fit_many(models: list,  # k models of one architecture
              train: ImageSet, test: ImageSet, cfg: TrainConfig,
              seeds: list,  # one seed per model (data order and augmentation, as fit's seed)
              augment_kw: dict | None = None,
+             packing: str = "loop",  # "loop": members one after another in one step; "grouped": kdbook.packing
              ) -> list:
     "fit for k models at once (packed as one network, one step); the caller's modules get the weights; k histories."
     _check_images("train", train)
@@ -374,7 +382,7 @@ def fit_many(models: list,  # k models of one architecture
     _check_seeds(seeds, len(models))
     device = resolve_device(cfg.device)
     models = [_prepare_model(m, device, cfg) for m in models]
-    packed = _pack(models, shared_input=False).to(device)
+    packed = _pack(models, shared_input=False, packing=packing).to(device)
     test_images, test_labels = test.images.to(device), test.labels.cpu()
 
     def evaluate_fn(i):
@@ -394,6 +402,7 @@ def distill_many(students: list,  # k students of one architecture
                  tau: float = 4.0, alpha: float = 0.0,
                  augment_kw: dict | None = None,
                  same_batches: bool = False,  # all students see the batches of seeds[0]: one teacher call labels all
+                 packing: str = "loop",  # "loop": students one after another in one step; "grouped": kdbook.packing
                  ) -> list:
     "distill for k students at once (packed as one network, one step); k histories."
     _check_images("distill_data", distill_data)
@@ -404,7 +413,7 @@ def distill_many(students: list,  # k students of one architecture
     tau, alpha = check_tau(tau), check_alpha(alpha)
     device = resolve_device(cfg.device)
     students = [_prepare_model(m, device, cfg) for m in students]
-    packed = _pack(students, shared_input=same_batches).to(device)
+    packed = _pack(students, shared_input=same_batches, packing=packing).to(device)
     teacher = _prepare_model(teachers if isinstance(teachers, Ensemble) else Ensemble(teachers), device, cfg)
     images, labels = distill_data.images.to(device), distill_data.labels.to(device)
     first, score = _distill_eval(teacher, images, len(distill_data), test, cfg, device)

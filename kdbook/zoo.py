@@ -7,9 +7,7 @@ match the teacher on its own distillation data (Figure 5, left). Also: the book'
 # %% ../chapters/23_synthetic.ipynb #3c9c6c17
 from __future__ import annotations
 
-import math
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -19,15 +17,16 @@ from .packing import can_pack
 from .train import PROFILES, TrainConfig, distill, evaluate, fit, fit_many, make_model, predict_logits
 
 # %% auto #0
-__all__ = ['ZOO_NAME', 'STUDENT_NAME', 'ENSEMBLE_SIZES', 'TEACHER_RECIPES', 'STUDENT_RECIPES', 'ZOO_DATA', 'THROUGHPUT_BASIS',
-           'Recipe', 'teacher_recipe', 'student_recipe', 'zoo_data', 'data_tag', 'zoo_params', 'zoo_teachers',
-           'check_ensemble_size', 'zoo_ensemble', 'check_synthetic_sizes', 'synthetic_subset', 'mixup_standin',
-           'student_params', 'distill_student', 'gpu_minutes']
+__all__ = ['ZOO_NAME', 'STUDENT_NAME', 'ENSEMBLE_SIZES', 'ARCHS', 'TEACHER_RECIPES', 'STUDENT_RECIPES', 'ZOO_DATA',
+           'THROUGHPUT_BASIS', 'Recipe', 'teacher_recipe', 'student_recipe', 'zoo_data', 'data_tag', 'zoo_params',
+           'zoo_teachers', 'check_ensemble_size', 'zoo_ensemble', 'check_synthetic_sizes', 'synthetic_subset',
+           'mixup_standin', 'student_params', 'distill_student', 'gpu_minutes']
 
 # %% ../chapters/23_synthetic.ipynb #dfc61613
 ZOO_NAME = "zoo-teacher"  # the store's experiment name of every zoo teacher (chapters of §4.2, §5.1, §5.2 share it)
 STUDENT_NAME = "s42-student"  # the store's experiment name of this chapter's students
 ENSEMBLE_SIZES = (1, 3, 5)  # teacher ensembles the chapters of the book distil from (paper §4.2, §5.1)
+ARCHS = ("resnet20", "resnet56", "resnet110")  # pre-activation ResNets of kdbook.models (appendix A.2)
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,8 @@ class Recipe:
     amp: bool = True  # bf16 autocast on CUDA (ignored on a CPU)
 
     def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"unknown architecture {self.arch!r} for a zoo teacher or student: use one of {ARCHS}")
         if not isinstance(self.width, int) or isinstance(self.width, bool) or self.width < 1:
             raise ValueError(f"Recipe.width must be a positive integer, got {self.width!r}")
         self.config()  # TrainConfig validates the rest
@@ -277,6 +278,7 @@ def distill_student(store,  # kdbook.store.Store
                     tau: float = 4.0,  # temperature of the KD term, for real and synthetic images alike
                     controls: list = (),  # independent teachers: the student's test agreement/KL with each (s′ control)
                     device: str = "auto",  # where to train
+                    depends: list = (),  # further records the student comes from (the synthetic set's)
                     ) -> dict:
     "The stored record of one student distilled (Eq. 1, α = 0) on train + synthetic images, with its final metrics."
     size = 0 if synthetic_images is None else len(synthetic_images)
@@ -301,15 +303,16 @@ def distill_student(store,  # kdbook.store.Store
         out["controls"] = [_fidelity(student, [m], test, device) for _, m in controls]
         return out
 
-    return store.run(STUDENT_NAME, params, run, seed, depends=[r for r, _ in list(teachers) + list(controls)])
+    return store.run(STUDENT_NAME, params, run, seed,
+                     depends=[r for r, _ in list(teachers) + list(controls)] + list(depends))
 
 # %% ../chapters/23_synthetic.ipynb #328e656f
-# Planning throughputs (images per second on one GPU) measured by the engine's benchmark (appendix A.3):
-# a BatchNorm ResNet-56 teacher trained at batch 256 in bf16 (≈6.3 s per 50k-image epoch with two processes
-# sharing an H100, i.e. ≈8,000 images/s each), and a whole distillation step of a 5 x ResNet-56 ensemble into a
-# ResNet-56 captured in a CUDA graph (≈10,000 images/s on an H200; one or three teachers cost less, so this
-# overestimates the time of Figure 1's students).
-THROUGHPUT_BASIS = {"teacher_fit": 8000.0, "distill": 10000.0}
+# Planning throughputs (images per second) on one H100, from the engine's benchmark (appendix A.3; steps captured
+# in CUDA graphs, bf16, data on the GPU): one BatchNorm ResNet-56 teacher trained at batch 256, ≈27,000 images/s
+# (five packed into one step were slower, ≈22,400 together), and a whole distillation step of a 5 x ResNet-56
+# ensemble into a ResNet-56 at batch 128, ≈8,200 images/s (one or three teachers cost less: an upper bound of
+# the time of Figure 1's students). Evaluation, checkpoints and data loading are not counted.
+THROUGHPUT_BASIS = {"teacher_fit": 27000.0, "distill": 8200.0}
 
 
 def gpu_minutes(n_teachers: int,  # zoo teachers to train

@@ -144,7 +144,7 @@ def test_distill_reports_paper_train_agreement():
     assert h["train_kd_loss"][0] > 0 and h["graphed"] is False
 
 
-def _many_vs_separate(mode, arch, kw, same_batches=False):
+def _many_vs_separate(mode, arch, kw, same_batches=False, packing="loop"):
     train, test = data(40, 0), data(16, 1)
     # lr 0.01: rounding differences of grouped and plain convolutions grow with the learning rate (random labels)
     c = cfg(epochs=3, batch_size=16, lr=0.01)
@@ -152,9 +152,9 @@ def _many_vs_separate(mode, arch, kw, same_batches=False):
     seeds, inits = [4, 7, 8], [1, 2, 3]
     many = [make_model(arch, seed=s, num_classes=10, **kw) for s in inits]
     if mode == "fit":
-        hists = fit_many(many, train, test, c, seeds=seeds)
+        hists = fit_many(many, train, test, c, seeds=seeds, packing=packing)
     else:
-        hists = distill_many(many, teacher, train, test, c, seeds=seeds, same_batches=same_batches)
+        hists = distill_many(many, teacher, train, test, c, seeds=seeds, same_batches=same_batches, packing=packing)
     for init, seed, model, hist in zip(inits, seeds, many, hists):
         alone = make_model(arch, seed=init, num_classes=10, **kw)
         s = seeds[0] if same_batches else seed
@@ -167,14 +167,14 @@ def _many_vs_separate(mode, arch, kw, same_batches=False):
 
 @pytest.mark.parametrize("mode", ["fit", "distill"])
 def test_packed_layernorm_equals_separate(mode):
-    _many_vs_separate(mode, "resnet20", {"norm": "layer"})
+    _many_vs_separate(mode, "resnet20", {"norm": "layer"}, packing="grouped")
 
 
-def test_packed_same_batches_equals_separate():
-    _many_vs_separate("distill", "resnet20", {"norm": "layer"}, same_batches=True)
+@pytest.mark.parametrize("packing", ["loop", "grouped"])
+def test_packed_same_batches_equals_separate(packing):
+    _many_vs_separate("distill", "resnet20", {}, same_batches=True, packing=packing)
 
 
-@pytest.mark.parametrize("mode", ["fit", "distill"])
-def test_packed_batchnorm_equals_separate(mode):
-    pytest.importorskip("kdbook.packing")
-    _many_vs_separate(mode, "resnet20", {})
+@pytest.mark.parametrize("mode,packing", [("fit", "loop"), ("distill", "loop"), ("fit", "grouped"), ("distill", "grouped")])
+def test_packed_batchnorm_equals_separate(mode, packing):
+    _many_vs_separate(mode, "resnet20", {}, packing=packing)

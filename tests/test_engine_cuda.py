@@ -1,6 +1,6 @@
 """The engine on CUDA (skipped without a GPU): graphed steps give the eager numbers; packed and eager runs work.
 
-Synthetic data (random uint8 images), so no dataset is needed; about 30 s on one H100."""
+Synthetic data (random uint8 images), so no dataset is needed; about 20 s on one H100."""
 import copy
 import warnings
 
@@ -72,27 +72,28 @@ def test_distill_graphed_equals_eager(sets):
     close(g["test_kl"], e["test_kl"], 5e-2)
 
 
-@pytest.mark.parametrize("same_batches", [False, True])
-def test_packed_distill_graphed(sets, same_batches):
+@pytest.mark.parametrize("same_batches,packing", [(False, "loop"), (True, "loop"), (False, "grouped"), (True, "grouped")])
+def test_packed_distill_graphed(sets, same_batches, packing):
     train, test = sets
     teacher = make_model("resnet20", seed=10, num_classes=10)
     runs = {}
     for graphs in (True, False):
         students = [make_model("resnet20", seed=s, num_classes=10, norm="layer") for s in range(3)]
         runs[graphs] = no_fallback(lambda: distill_many(students, teacher, train, test, cfg(cuda_graphs=graphs),
-                                                        seeds=[1, 2, 3], same_batches=same_batches))
+                                                        seeds=[1, 2, 3], same_batches=same_batches, packing=packing))
     for g, e in zip(runs[True], runs[False]):
         assert g["graphed"] is True and e["graphed"] is False
         close(g["train_loss"], e["train_loss"])
 
 
-def test_packed_fit_graphed(sets):
-    pytest.importorskip("kdbook.packing")  # BatchNorm networks pack with kdbook.packing
+@pytest.mark.parametrize("packing", ["loop", "grouped"])
+def test_packed_fit_graphed(sets, packing):
     train, test = sets
     runs = {}
     for graphs in (True, False):
         models = [make_model("resnet20", seed=s, num_classes=10) for s in range(2)]
-        runs[graphs] = no_fallback(lambda: fit_many(models, train, test, cfg(cuda_graphs=graphs), seeds=[1, 2]))
+        runs[graphs] = no_fallback(lambda: fit_many(models, train, test, cfg(cuda_graphs=graphs), seeds=[1, 2],
+                                                    packing=packing))
     for g, e in zip(runs[True], runs[False]):
         assert g["graphed"] is True
         close(g["train_loss"], e["train_loss"])

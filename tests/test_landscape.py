@@ -4,8 +4,12 @@ import pytest
 import torch
 from torch import nn
 
-from kdbook.landscape import (flatten_state, functional_model, interpolate_state, loss_on_plane, plane_basis,
-                              plane_grid, unflatten_state)
+import numpy as np
+
+from kdbook.data import ImageSet
+from kdbook.landscape import (augmented_agreement, cka_rbf_median_sq, flatten_state, functional_model, interpolate_state,
+                              loss_on_plane, plane_basis, plane_grid, rbf_gram_median_sq, unflatten_state)
+from kdbook.metrics import cka_linear
 from kdbook.losses import kd_loss
 
 
@@ -156,3 +160,129 @@ def test_loss_on_plane_matches_direct_evaluation(states, plane):
     assert bool((losses >= entropy - 1e-9).all()) and float(losses[0, 1]) > entropy + 1e-6
     with pytest.raises(ValueError):
         loss_on_plane(f, b, grid, x, zt[:-1], tau=4.0)
+
+
+# --- train agreement on augmented batches (§6.1) --------------------------------------------------------------
+
+@pytest.fixture
+def images():
+    g = torch.Generator().manual_seed(5)
+    return ImageSet(images=torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8, generator=g),
+                    labels=torch.arange(50) % 6, classes=[str(i) for i in range(6)], name="toy", source="random")
+
+
+def _np_softmax(z):
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def test_augmented_agreement_without_augmentation_is_plain_agreement(images):
+    teacher, student = tiny(0).eval(), tiny(1).eval()
+    x = images.images.float() / 127.5 - 1
+    with torch.no_grad():
+        zt, zs = teacher(x).double().numpy(), student(x).double().numpy()
+    pt, ps = _np_softmax(zt / 4), _np_softmax(zs / 4)
+    expected_loss = float(np.mean(-16 * (pt * np.log(ps)).sum(1)))  # τ²·CE(σ(z_t/τ), σ(z_s/τ)), numpy
+    expected_floor = float(np.mean(-16 * (pt * np.log(pt)).sum(1)))  # τ²·H(σ(z_t/τ))
+    out = augmented_agreement(student, teacher, images, "none", seed=0, tau=4.0, batch_size=16)
+    assert out["n"] == 50
+    assert out["agreement"] == pytest.approx(float(np.mean(zt.argmax(1) == zs.argmax(1))), abs=1e-12)
+    assert out["kd_loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert out["kd_loss_min"] == pytest.approx(expected_floor, rel=1e-5)
+
+
+def test_augmented_agreement_is_seeded_and_sees_augmented_images(images):
+    teacher, student = tiny(0), tiny(1)
+    a = augmented_agreement(student, teacher, images, "baseline", seed=7, tau=4.0, batch_size=16)
+    assert a == augmented_agreement(student, teacher, images, "baseline", seed=7, tau=4.0, batch_size=16)
+    clean = augmented_agreement(student, teacher, images, "none", seed=7, tau=4.0, batch_size=16)
+    assert a["kd_loss"] != pytest.approx(clean["kd_loss"], rel=1e-9)  # crops and flips change the inputs
+    same = augmented_agreement(teacher, teacher, images, "baseline", seed=7, tau=4.0, batch_size=16)
+    assert same["agreement"] == 1.0 and same["kd_loss"] == pytest.approx(same["kd_loss_min"], rel=1e-12)
+    assert teacher.training and student.training  # modes are restored
+
+
+def test_augmented_agreement_rejects_bad_input(images):
+    with pytest.raises(ValueError, match="ImageSet"):
+        augmented_agreement(tiny(1), tiny(0), torch.zeros(4, 3, 8, 8), "baseline")
+    with pytest.raises(ValueError, match="adds images"):
+        augmented_agreement(tiny(1), tiny(0), images, "synthetic")
+    with pytest.raises(ValueError, match="batch_size"):
+        augmented_agreement(tiny(1), tiny(0), images, "baseline", batch_size=0)
+
+
+# --- CKA with the authors' RBF bandwidth, over examples (Table 1) --------------------------------------------------
+
+def _np_cka_rbf_median_sq(x, y):
+    "Independent numpy reference: RBF Gram over examples, σ² = median of the non-zero squared distances, centred HSIC."
+    def gram(a):
+        d2 = ((a[:, None, :] - a[None, :, :]) ** 2).sum(-1)
+        return np.exp(-d2 / (2 * np.median(d2[d2 > 0])))
+    n = len(x)
+    h = np.eye(n) - np.ones((n, n)) / n
+    k, l = h @ gram(x) @ h, h @ gram(y) @ h
+    return float((k * l).sum() / np.sqrt((k * k).sum() * (l * l).sum()))
+
+
+@pytest.mark.parametrize("n", [9, 20])  # odd and even counts of distances: numpy's median convention
+def test_cka_rbf_median_sq_matches_numpy(n):
+    rng = np.random.default_rng(n)
+    x, y = rng.normal(size=(n, 6)), rng.normal(size=(n, 4))
+    y[:, 0] += 2 * x[:, 0]  # some shared structure
+    ours = cka_rbf_median_sq(torch.tensor(x), torch.tensor(y))
+    assert ours == pytest.approx(_np_cka_rbf_median_sq(x, y), abs=1e-10)
+    assert 0 < ours < 1
+    # activations with more than two axes are flattened per example
+    x4 = rng.normal(size=(n, 2, 3, 3))
+    assert cka_rbf_median_sq(torch.tensor(x4), torch.tensor(y)) == pytest.approx(
+        _np_cka_rbf_median_sq(x4.reshape(n, -1), y), abs=1e-10)
+
+
+def test_cka_rbf_median_sq_invariances_and_difference_from_linear():
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.normal(size=(25, 8)))
+    q = torch.linalg.qr(torch.tensor(rng.normal(size=(8, 8))))[0]
+    assert cka_rbf_median_sq(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert cka_rbf_median_sq(x, 5 * x @ q + 1.0) == pytest.approx(1.0, abs=1e-9)  # rotation, scale, shift
+    y = torch.tensor(rng.normal(size=(25, 8))) + 0.5 * x
+    assert abs(cka_rbf_median_sq(x, y) - cka_linear(x, y)) > 1e-4  # a different kernel, a different number
+    k = rbf_gram_median_sq(x)
+    assert torch.allclose(torch.diagonal(k), torch.ones(25, dtype=k.dtype)) and torch.allclose(k, k.T)
+
+
+def test_cka_rbf_median_sq_rejects_bad_input():
+    x = torch.randn(10, 3)
+    with pytest.raises(ValueError, match="examples"):
+        cka_rbf_median_sq(x, torch.randn(9, 3))
+    with pytest.raises(ValueError, match="identical"):
+        cka_rbf_median_sq(torch.ones(6, 3), torch.randn(6, 3))
+    with pytest.raises(ValueError, match="n_examples"):
+        cka_rbf_median_sq(torch.randn(1, 3), torch.randn(1, 3))
+
+
+# --- the committed §6.2 records pair with their own weights and teachers ---------------------------------------
+
+def test_committed_s62_records_pair_with_their_weights_and_teachers():
+    from pathlib import Path
+
+    from kdbook.store import Store
+    from kdbook.train import make_model
+    store = Store(Path(__file__).resolve().parents[1] / "results", verbose=False)
+    teachers = {f"s62-teacher/{r['key']}": r for r in store.records("s62-teacher")}
+    if not teachers:
+        pytest.skip("no §6.2 records are committed")
+    by_id = dict(teachers)
+    for r in teachers.values():  # every teacher's weights are stored and match its record
+        store.load_weights("s62-teacher", r["key"], make_model("resnet20", 0, num_classes=100, norm="layer"),
+                           r["result"]["weights"]["sha256"])
+    students = store.records("s62-student")
+    by_id.update({f"s62-student/{r['key']}": r for r in students})
+    for r in [*students, *store.records("s62-plane")]:
+        depends = r["meta"].get("depends")
+        assert depends, f"{r['name']}/{r['key']} names no record it was computed from"
+        for ref, checksum in depends.items():  # ... and each names records that exist, unchanged
+            assert ref in by_id and by_id[ref]["checksum"] == checksum, f"{r['name']}/{r['key']}: {ref} is missing or changed"
+        if "weights" in r["result"]:
+            store.load_weights(r["name"], r["key"], make_model("resnet20", 0, num_classes=100, norm="layer"),
+                               r["result"]["weights"]["sha256"])

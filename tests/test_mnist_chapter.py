@@ -6,8 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdbook.mnist import (classification_report, confusion_matrix, error_overlap, kd_logit_gradients,
-                          label_gradient_share, plot_alpha_tau_heatmaps, plot_figure2, soft_label_entropy)
+from kdbook.mnist import (classification_report, confusion_matrix, error_overlap, format_pm, kd_logit_gradients,
+                          label_gradient_share, near_chance, plot_alpha_tau_heatmaps, plot_figure2, soft_label_entropy,
+                          summarize_runs)
 
 
 def test_confusion_matrix_counts_and_rejects_bad_input():
@@ -74,3 +75,42 @@ def test_plots_build_and_check_shapes():
     plt.close(fig)
     with pytest.raises(ValueError, match="shape"):
         plot_alpha_tau_heatmaps([0, 1], [1, 10], {"acc": np.zeros((3, 2))})
+
+
+def test_near_chance_flags_runs_below_twice_chance():
+    assert near_chance([9.9, 19.99, 20.0, 97.0], 10).tolist() == [True, True, False, False]
+    assert near_chance([1.0, 1.99, 2.0], 100).tolist() == [True, True, False]  # CIFAR-100 chance is 1%
+    assert bool(near_chance(25.0, 10, factor=3.0))
+    with pytest.raises(ValueError, match="num_classes"):
+        near_chance(50.0, 1)
+
+
+def test_summarize_runs_leaves_stalled_runs_out_and_uses_sample_std():
+    values = np.array([[80.0, 1.0], [84.0, 3.0], [10.0, 99.0]])
+    s = summarize_runs(values, stalled=[False, False, True])
+    assert (s["n"], s["n_stalled"]) == (2, 1)
+    assert s["mean"].tolist() == [82.0, 2.0]
+    assert s["std"] == pytest.approx(np.std(values[:2], axis=0, ddof=1))  # ddof = 1, not numpy's default 0
+    everything = summarize_runs(values)
+    assert everything["n"] == 3 and everything["std"][0] == pytest.approx(np.std(values[:, 0], ddof=1))
+    none_left = summarize_runs(values[:1], stalled=[True])
+    assert none_left["n"] == 0 and np.isnan(none_left["mean"]).all()
+    with pytest.raises(ValueError, match="one flag per run"):
+        summarize_runs(values, stalled=[True, False])
+
+
+def test_format_pm_names_n_and_drops_the_spread_of_one_run():
+    assert format_pm(86.5, 1.44, 3, 2, "%") == "86.50 ± 1.44% (n = 3)"
+    assert format_pm(86.5, float("nan"), 1, 1, "%") == "86.5% (n = 1)"
+    assert format_pm(float("nan"), float("nan"), 0) == "no run left (n = 0)"
+
+
+def test_figure2_leaves_stalled_runs_out_of_its_bands():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from kdbook.mnist import _mean_std
+    mean, std = _mean_std([[90.0, np.nan], [92.0, 95.0], [94.0, 97.0]])
+    assert mean.tolist() == [92.0, 96.0] and std == pytest.approx([2.0, np.sqrt(2.0)])
+    fig = plot_figure2([1000, 2000], [[90, np.nan], [92, 95]], [[80, np.nan], [82, 84]], [85, 86])
+    plt.close(fig)

@@ -130,3 +130,45 @@ def test_gpu_minutes_adds_teacher_and_student_images():
                     basis={"teacher_fit": 100.0, "distill": 50.0})
     assert g["images"] == {"teachers": 6000, "students": 4 * 2 * 2500}
     assert g["teachers"] == pytest.approx(6000 / 100 / 60) and g["students"] == pytest.approx(20000 / 50 / 60)
+
+
+def _run_chapter(tmp_path, **params) -> str:
+    "Execute chapters/23_synthetic.ipynb at smoke with papermill; the error text of the failing cell ('' if none)."
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        pm.execute_notebook(str(repo / "chapters" / "23_synthetic.ipynb"), str(tmp_path / "out.ipynb"),
+                            parameters={"profile": "smoke", **params}, kernel_name="kdbook",
+                            cwd=str(repo / "chapters"), progress_bar=False, execution_timeout=300)
+    except PapermillExecutionError as err:
+        return f"{err.ename}: {err.evalue}"
+    return ""
+
+
+def test_chapter_refuses_a_synthetic_size_beyond_the_stored_gan_set(tmp_path):
+    from kdbook.gan import save_synthetic_set
+    store = Store(tmp_path / "results", verbose=False)
+    params = {"profile": "smoke", "gan": "0" * 16, "sizes": [10], "sample_seed": 0}
+    key = store.key("gan-synthetic", params, 0)
+    images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
+    store.run("gan-synthetic", params,
+              lambda: {"synthetic_set": save_synthetic_set(store, "gan-synthetic", key, images), "sizes": [10]}, 0)
+    before = files(tmp_path / "results")
+    error = _run_chapter(tmp_path, results_dir=str(tmp_path / "results"), synthetic_sizes=[0, 64])
+    assert "ValueError" in error and "[64] exceed the 10 synthetic images" in error
+    assert files(tmp_path / "results") == before  # no teacher, no student, nothing half-written
+
+
+def test_chapter_refuses_an_unknown_ensemble_size(tmp_path):
+    error = _run_chapter(tmp_path, results_dir=str(tmp_path / "results"), ensemble_size=4)
+    assert "unknown ensemble size 4" in error
+    assert files(tmp_path / "results") == []
+
+
+def test_chapter_without_gan_sets_trains_the_zoo_then_says_what_is_missing(tmp_path):
+    error = _run_chapter(tmp_path, results_dir=str(tmp_path / "results"), synthetic_source="gan")
+    assert "holds no SN-GAN sets at profile 'smoke'" in error and "run the SN-GAN chapter" in error
+    stored = files(tmp_path / "results")
+    assert any(f.startswith(f"{ZOO_NAME}/") for f in stored)  # the teachers do not need the synthetic images
+    assert not any(f.startswith(f"{STUDENT_NAME}/") for f in stored)
