@@ -153,6 +153,7 @@ def distill_students(store,  # kdbook.store.Store
                      controls: list = (),  # [[(record, model), ...]]: independent (ensemble) teachers
                      device: str = "auto",  # where to train
                      packed: bool = False,  # train the missing students together (distill_many; not resumable)
+                     depends: list = (),  # further records the students come from (e.g. the synthetic set's)
                      ) -> list:
     """The records of one student per seed distilled (Eq. 1, α = 0) from `teachers`: read from the store or trained.
 
@@ -183,7 +184,7 @@ def distill_students(store,  # kdbook.store.Store
             resume.unlink(missing_ok=True)
         return summarize(history) | how | {"controls": [fidelity(student, [m for _, m in c], test, device) for c in controls]}
 
-    depends = [r for r, _ in teachers] + [r for c in controls for r, _ in c]
+    depends = [r for r, _ in teachers] + [r for c in controls for r, _ in c] + list(depends)
     return [store.run(name, params, lambda s=s: run(s), s, depends=depends) for s in seeds]
 
 # %% ../chapters/51_augmentation.ipynb #83284016
