@@ -10,7 +10,7 @@ from kdbook.augment import augment
 from kdbook.data import ImageSet
 from kdbook.policies import (POLICY_RUNS, POOL_POLICIES, S51_NAME, PoolSampler, check_policies, distill_students,
                              policy_options, policy_params, policy_recipe, student_images)
-from kdbook.recycling import DISTILL_SETS, check_fraction, recycling_params, recycling_sets, recycling_split
+from kdbook.recycling import DISTILL_SETS, S52_NAME, check_fraction, recycling_params, recycling_sets, recycling_split
 from kdbook.store import Store
 from kdbook.train import make_model
 from kdbook.train_agreement import group, policies_key, recycling_key, select, synthetic_key
@@ -140,7 +140,7 @@ def test_recycling_students_keyed_by_their_set(store_and_teachers):
     keys = set()
     for name in DISTILL_SETS:
         p = recycling_params(name, teachers[:1], TINY, sets[name], _set(), 4.0, {"seed": 0, "fraction": 0.5})
-        keys.add(store.key(S51_NAME, p, 0))
+        keys.add(store.key(S52_NAME, p, 0))
     assert len(keys) == 3
     with pytest.raises(ValueError, match="unknown distillation set"):
         recycling_params("D2", teachers[:1], TINY, sets["D0"], _set(), 4.0, {})
