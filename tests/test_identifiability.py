@@ -153,3 +153,46 @@ def test_train_agreement_keys_and_pending_records():
     assert recycling_key(1.0)(recs[0]) is None
     assert synthetic_key({"params": {"teachers": ["a"], "synthetic": {"size": 0}, "train": {"n": 10}}}) == (1, 0.0)
     assert select(recs, "quick") == []
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_pool_policy_student_resumes_from_its_checkpoint(tmp_path, monkeypatch):
+    "A GAN-policy student stopped after one of two epochs (end of a GPU slice) resumes to the uninterrupted result."
+    from dataclasses import replace
+
+    import kdbook.policies
+    from kdbook.train import distill
+    data, recipe = _set(), replace(policy_recipe(TINY, "gan"), epochs=2)
+    ran = []  # epochs distill_students ran, per run
+
+    def counting(*args, **kw):
+        ran.append([])
+        return distill(*args, **kw, callback=lambda epoch, history: ran[-1].append(epoch))
+
+    monkeypatch.setattr(kdbook.policies, "distill", counting)
+    results = []
+    for interrupted in (False, True):
+        store = Store(tmp_path / f"r{interrupted}", checkpoints_dir=tmp_path / f"c{interrupted}", verbose=False,
+                      profile="smoke")
+        teachers = [(store.run("zoo-teacher", {"tiny": 0}, lambda: {"note": "random"}, 0),
+                     make_model("resnet20", 0, num_classes=3, width=2).eval())]
+        params = policy_params("gan", teachers, TINY, data, data, pool={"source": "random", "key": "k", "n": 24})
+        kw = policy_options("gan", {"gan": data.images}, "cpu")
+        if interrupted:
+            def stop(epoch, history):
+                if epoch == 1:
+                    raise _Stop()
+            resume = store.resume_path(S51_NAME, params, 7)
+            with pytest.raises(_Stop):
+                distill(recipe.build(7, 3), [m for _, m in teachers], data, data, recipe.config("cpu", checkpoint_every=1),
+                        7, tau=4.0, checkpoint=resume, augment_kw=kw, callback=stop)
+            assert resume.exists()
+        rec = distill_students(store, S51_NAME, params, teachers, data, data, recipe, [7], kw, device="cpu")[0]
+        assert not store.resume_path(S51_NAME, params, 7).exists()  # removed once the record is stored
+        results.append(rec["result"])
+    assert ran == [[1, 2], [2]]  # the second student resumed after its first epoch
+    for key in ("test_acc", "test_agreement", "test_kl", "train_agreement", "train_kd_loss"):
+        assert results[0][key] == results[1][key], key
