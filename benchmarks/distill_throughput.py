@@ -161,7 +161,7 @@ def rows_to_run(args, gpu):
     other = "grouped" if args.packing == "loop" else "loop"
     for same in (False, True):
         for k in ks:
-            rows.append(("d", f"{k} students in one step ({args.packing}){', same batches' if same else ''}",
+            rows.append(("d", f"{k} student{'s' * (k > 1)} in one step ({args.packing}){', same batches' if same else ''}",
                          dict(k=k, packed=True, same_batches=same, packing=args.packing)))
         k4 = ks[min(1, len(ks) - 1)]
         rows.append(("d", f"{k4} students in one step ({other}){', same batches' if same else ''}",

@@ -90,8 +90,12 @@ class TrainConfig:
             raise ValueError("need weight_decay >= 0 and 0 <= momentum < 1")
 
     def to_dict(self) -> dict:
-        "The configuration as a JSON-serialisable dict (for the results store)."
-        return asdict(self)
+        "The settings as a JSON-serialisable dict (for the results store), without `cuda_graphs`."
+        # cuda_graphs changes how a step is launched, not what it computes (the history's `graphed` records
+        # it), so it stays out of the results store's keys
+        out = asdict(self)
+        del out["cuda_graphs"]
+        return out
 
 # %% ../chapters/a3c_engine.ipynb #c3e0d009
 def cosine_lr(step: int,  # optimisation steps taken so far
@@ -525,7 +529,7 @@ def _resume(run, opt, streams):
     state = load_checkpoint(run.checkpoint)
     path = run.checkpoint
     saved, mine = json.loads(state["config"]), run.cfg.to_dict()
-    differ = sorted(k for k in mine if k not in ("progress", "device", "cuda_graphs") and saved.get(k) != mine[k])
+    differ = sorted(k for k in mine if k not in ("progress", "device") and saved.get(k) != mine[k])
     if differ:
         raise ValueError(f"checkpoint {path} was written with different settings ({', '.join(differ)}); "
                          "delete it or pass another checkpoint path")
