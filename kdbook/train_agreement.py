@@ -25,9 +25,11 @@ def select(records: list,  # records of one experiment (Store.records(name))
            profile: str,  # keep the records computed at this profile
            recipe: dict | None = None,  # keep those whose student recipe (policy aside) is this one
            ) -> list:
-    "The records of `profile` (and `recipe`), oldest first."
+    "The records of `profile` (and `recipe`) measured on the test set of the newest of them, oldest first."
     out = [r for r in records if r["meta"].get("profile") == profile and (recipe is None or _same_recipe(r["params"], recipe))]
-    return sorted(out, key=lambda r: r["meta"]["created"])
+    out = sorted(out, key=lambda r: r["meta"]["created"])
+    newest_test = out[-1]["params"].get("test") if out else None
+    return [r for r in out if r["params"].get("test") == newest_test]
 
 
 def group(records: list,  # selected records
