@@ -7,8 +7,6 @@ data it was distilled on: ≈100% with the Baseline augmentation, 80–90% for m
 # %% ../chapters/61_train_agreement.ipynb #41184707
 from __future__ import annotations
 
-from .viz import mean_std
-
 SOURCES = {"synthetic": "s42-student", "recycling": "s52-student", "policies": "s51-student"}  # Figure 5 left, middle, right
 FIG5_POLICIES = ("baseline", "rotation", "vflip", "color_jitter", "combined")  # the policies of Figure 5 (right)
 
