@@ -316,3 +316,16 @@ def test_weights_outside_float16_range_refused(tmp_path):
     with pytest.raises(ValueError, match="not finite in float16"):
         store.save_weights("t", "0123456789abcdef", net)
     assert not list((tmp_path / "results").rglob("*.safetensors"))
+
+
+def test_committed_results_stay_within_their_size_budgets():
+    """The committed store travels with every checkout (to Colab, to a borrowed GPU machine): stored weights stay
+    within the book's budget of about 40 MB, and no single file of the store exceeds 16 MB (what one slice of
+    `make gpu` can bring back, and what plain git handles well)."""
+    from pathlib import Path
+    results = Path(__file__).resolve().parents[1] / "results"
+    weights = sum(p.stat().st_size for p in (results / "weights").rglob("*") if p.is_file())
+    assert weights <= 40 * 10**6, f"stored weights take {weights / 1e6:.1f} MB, over the 40 MB budget"
+    big = [f"{p.relative_to(results)}: {p.stat().st_size / 1e6:.1f} MB" for p in results.rglob("*")
+           if p.is_file() and p.stat().st_size > 16 * 2**20]
+    assert not big, f"files of the store over 16 MiB: {big}"
