@@ -505,11 +505,11 @@ def _load_data_set(store: Store, record: dict, info: dict, data_dir, regenerate)
                                 f"generator named in {_record_path(store, record)} and checked against that record")
     if regenerate is False:
         raise SyntheticSetError(f"the synthetic set {path} is missing and regeneration is off: pass regenerate=None")
-    if regenerate is None:
-        gan_record = _depends_record(store, record)
-        device = _regeneration_device(store, record)
-        regenerate = lambda rec: regenerate_synthetic_set(store, rec, gan_record, device)  # noqa: E731
-    images = regenerate(record)
+    if regenerate is None:  # from the generator record the set depends on, on the kind of device it was drawn on
+        gan_record, device = _depends_record(store, record), _regeneration_device(store, record)
+        images = regenerate_synthetic_set(store, record, gan_record, device)
+    else:
+        images = regenerate(record)
     images = images.cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
     got = images_sha256(images) if images.dtype == np.uint8 else f"not uint8 ({images.dtype})"
     if got != info["sha256"] or list(images.shape) != info["shape"]:
