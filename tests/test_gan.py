@@ -2,16 +2,20 @@
 Fréchet distance. CPU only, small widths, a few seconds."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
 from torch.nn.utils import parametrize
 
 from kdbook.data import to_float
+import kdbook.gan as gan
 from kdbook.gan import (GANCheckpointError, GANConfig, GANPaused, SyntheticSetError, build_discriminator,
                         build_generator, classifier_features, d_hinge_loss, discriminator_step, frechet_distance,
-                        frechet_distance_gaussians, g_hinge_loss, generate_images, linear_lr, load_synthetic_set,
-                        profile_settings, save_synthetic_set, to_uint8, train_gan)
+                        frechet_distance_gaussians, g_hinge_loss, generate_images, generator_from_record, images_sha256,
+                        linear_lr, load_synthetic_set, profile_settings, regenerate_synthetic_set, save_synthetic_set,
+                        to_uint8, train_gan)
 from kdbook.models import resnet20
 from kdbook.store import Store
 
@@ -146,6 +150,104 @@ def test_synthetic_set_loader_serves_prefixes_and_refuses_bad_requests(tmp_path)
     path.unlink()
     with pytest.raises(SyntheticSetError, match="is missing"):
         load_synthetic_set(store, rec, 4)
+
+
+GENERATION = dict(seed=7, batch_size=3)  # batch size not dividing n: the last batch is shorter
+
+
+def _gan_and_set(tmp_path, n=10, profile="quick"):
+    """A store whose checkpoints are in tmp/data (so its data folder is tmp/data), a tiny GAN record with stored
+    weights, and a set of n images drawn from it the way the chapter draws them, stored through its record."""
+    data = tmp_path / "data"
+    store = Store(tmp_path / "results", checkpoints_dir=data / "checkpoints", verbose=False)
+    cfg = GANConfig(**TINY)
+    gan_record, _ = store.run_model("gan-sngan", dict(gan=cfg.training_settings()), 0,
+                                    build=lambda: build_generator(cfg, 0), train=lambda G: {})
+    images = generate_images(generator_from_record(store, gan_record), n, device="cpu", **GENERATION)
+    params = dict(profile=profile, gan=gan_record["key"], sizes=[n // 2, n])
+    key = store.key("gan-synthetic", params, 200)
+    record = store.run("gan-synthetic", params, lambda: {"synthetic_set": save_synthetic_set(
+        store, "gan-synthetic", key, images, data_dir=data, generation=GENERATION)}, 200, depends=[gan_record])
+    return store, data, gan_record, record, images
+
+
+def test_small_sets_stay_beside_their_record(tmp_path):
+    store, data, _, record, images = _gan_and_set(tmp_path, profile="smoke")
+    info = record["result"]["synthetic_set"]
+    assert "location" not in info and info["path"] == f"gan-synthetic/{record['key']}.npz"
+    assert (store.root / info["path"]).exists() and not (data / "synthetic").exists()
+    assert info["generation"] == GENERATION and info["bytes"] <= gan.COMMIT_LIMIT_BYTES
+    assert torch.equal(load_synthetic_set(store, record, 10), images)
+
+
+def test_a_set_over_the_limit_goes_to_the_data_folder_and_is_regenerated_identically(tmp_path, monkeypatch):
+    monkeypatch.setattr(gan, "COMMIT_LIMIT_BYTES", 1000)
+    store, data, gan_record, record, images = _gan_and_set(tmp_path)
+    info = record["result"]["synthetic_set"]
+    assert info["location"] == "data" and info["n_images"] == 10 and info["shape"] == [10, 3, 32, 32]
+    assert info["sha256"] == images_sha256(images) and info["generation"] == GENERATION
+    cached = data / "synthetic" / f"gan-synthetic-{record['key']}.npz"
+    assert info["path"] == cached.relative_to(data).as_posix() and cached.exists()
+    assert not list((store.root / "gan-synthetic").glob("*.npz"))  # nothing large beside the record
+    assert torch.equal(load_synthetic_set(store, record, 10), images)
+    cached.unlink()
+    before = _snapshot(store.root)
+    # the GAN record is found through the set's meta.depends; the sha256 of the pixels is checked, then cached
+    assert torch.equal(load_synthetic_set(store, record, 4), images[:4])
+    assert cached.exists() and _snapshot(store.root) == before
+    assert torch.equal(load_synthetic_set(store, record, 10, regenerate=False), images)  # served from the cache
+    assert torch.equal(regenerate_synthetic_set(store, record, gan_record), images)
+    cached.unlink()
+    assert torch.equal(load_synthetic_set(store, record, 10, data_dir=data,
+                                          regenerate=lambda rec: regenerate_synthetic_set(store, rec, gan_record)), images)
+
+
+def test_a_tampered_cache_or_other_regenerated_pixels_are_errors_and_nothing_is_served(tmp_path, monkeypatch):
+    monkeypatch.setattr(gan, "COMMIT_LIMIT_BYTES", 1000)
+    store, data, gan_record, record, images = _gan_and_set(tmp_path)
+    cached = data / record["result"]["synthetic_set"]["path"]
+    other = images.clone()
+    other[0, 0, 0, 0] ^= 1  # one pixel, one bit
+    buf = io.BytesIO()
+    np.savez_compressed(buf, images=other.numpy())
+    cached.write_bytes(buf.getvalue())
+    with pytest.raises(SyntheticSetError, match="does not match the sha256 of its record"):
+        load_synthetic_set(store, record, 4)
+    cached.write_bytes(b"not an npz")
+    with pytest.raises(SyntheticSetError, match="cannot be read"):
+        load_synthetic_set(store, record, 4)
+    assert cached.read_bytes() == b"not an npz"  # an error leaves the file for the reader to inspect
+    cached.unlink()
+    with pytest.raises(SyntheticSetError) as err:
+        load_synthetic_set(store, record, 4, regenerate=lambda rec: other)
+    message = str(err.value)
+    assert images_sha256(other) in message and record["result"]["synthetic_set"]["sha256"] in message
+    assert "regenerate it on that kind of device" in message and "delete the set's record" in message
+    assert not cached.exists()  # nothing cached
+    with pytest.raises(SyntheticSetError, match="regeneration is off"):
+        load_synthetic_set(store, record, 4, regenerate=False)
+    # a set drawn on CUDA is not redrawn on the CPU: its pixels would not match
+    on_gpu = {**record, "meta": {**record["meta"], "device": "cuda: NVIDIA H100 80GB HBM3"}}
+    if not torch.cuda.is_available():
+        with pytest.raises(SyntheticSetError, match="drawn on cuda: NVIDIA H100"):
+            load_synthetic_set(store, on_gpu, 4)
+    # another generator record, or none that can be found, is refused before anything is drawn
+    cfg = GANConfig(**TINY)
+    other_gan, _ = store.run_model("gan-sngan", dict(gan=cfg.training_settings()), 1,
+                                   build=lambda: build_generator(cfg, 1), train=lambda G: {})
+    with pytest.raises(SyntheticSetError, match="was not drawn from the generator record"):
+        regenerate_synthetic_set(store, record, other_gan)
+    orphan = {**record, "meta": {**record["meta"], "depends": {f"gan-sngan/{gan_record['key']}": "0" * 64}}}
+    with pytest.raises(SyntheticSetError, match="is not in the store"):
+        load_synthetic_set(store, orphan, 4)
+    assert not cached.exists()
+
+
+def test_a_large_set_needs_its_generation_settings(tmp_path):
+    store = Store(tmp_path / "results", verbose=False)
+    with pytest.raises(ValueError, match="generation=dict"):
+        save_synthetic_set(store, "gan-synthetic", "0" * 16, _images(8), data_dir=tmp_path / "data", limit=0)
+    assert not (tmp_path / "data").exists() and not (store.root / "gan-synthetic").exists()
 
 
 def test_unknown_profile_is_a_clear_error():
