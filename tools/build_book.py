@@ -266,24 +266,36 @@ def check_parameters(chapters: dict, given: list[tuple[str, str]], profiles: dic
                          + "\n  ".join(problems))
 
 
-def cell_in_progress(nb_path: Path) -> str:
-    """The cell papermill was executing when the kernel died or the cell timed out, read from the cell
-    statuses papermill writes into the executed copy, as `cell i (starts ...)`."""
+def chapter_cells(nb_path: Path) -> list | None:
+    """The cells of an executed copy as the chapter has them (without the cells papermill adds: injected
+    parameters, error banner), so that indices match the committed notebook; None when it cannot be read."""
     try:
         nb = nbformat.read(nb_path, as_version=4)
     except Exception:
-        return "no executed notebook was written"
+        return None
     added = {"injected-parameters", "papermill-error-cell-tag"}
-    cells = [c for c in nb.cells if not added & set(c.metadata.get("tags", []))]
+    return [c for c in nb.cells if not added & set(c.metadata.get("tags", []))]
+
+
+def cell_label(i: int, cell) -> str:
+    "`cell i (0-based, as in the chapter; starts `<its first code line>`)`."
+    first = next((l for l in cell.source.splitlines() if l.strip() and not l.startswith("#|")), "")
+    return f"cell {i} (0-based, as in the chapter; starts `{first[:80]}`)"
+
+
+def cell_in_progress(nb_path: Path) -> str:
+    """The cell papermill was executing when the kernel died or the cell timed out, read from the cell
+    statuses papermill writes into the executed copy, as `cell i (starts ...)`."""
+    cells = chapter_cells(nb_path)
+    if cells is None:
+        return "no executed notebook was written"
     status = [c.metadata.get("papermill", {}).get("status") for c in cells]
     # papermill marks the cell it was in `running` or `failed`, or (a dead kernel) `completed` before `pending` ones
     started = [i for i, st in enumerate(status) if st in ("running", "failed")] or \
               [i for i, st in enumerate(status) if st not in (None, "pending")][-1:]
     if not started:
         return "cell unknown"
-    i = started[0]
-    first = next((l for l in cells[i].source.splitlines() if l.strip() and not l.startswith("#|")), "")
-    return f"cell {i} (0-based, as in the chapter; starts `{first[:80]}`)"
+    return cell_label(started[0], cells[started[0]])
 
 
 def classify_failure(dst: Path, log_text: str, timeout: int) -> tuple[str, str]:
@@ -302,19 +314,13 @@ def classify_failure(dst: Path, log_text: str, timeout: int) -> tuple[str, str]:
 
 def failing_cell(nb_path: Path) -> str:
     """Describe the first cell with an error output in an executed notebook."""
-    try:
-        nb = nbformat.read(nb_path, as_version=4)
-    except Exception:
+    cells = chapter_cells(nb_path)
+    if cells is None:
         return "no executed notebook was written"
-    # index in the chapter as committed: skip the cells papermill adds (parameters, error banner)
-    added = {"injected-parameters", "papermill-error-cell-tag"}
-    cells = [c for c in nb.cells if not added & set(c.metadata.get("tags", []))]
     for i, cell in enumerate(cells):
         for out in cell.get("outputs", []) if cell.cell_type == "code" else []:
             if out.get("output_type") == "error":
-                first = next((l for l in cell.source.splitlines() if l.strip() and not l.startswith("#|")), "")
-                return (f"cell {i} (0-based, as in the chapter; starts `{first[:80]}`): "
-                        f"{out.get('ename')}: {str(out.get('evalue'))[:300]}")
+                return f"{cell_label(i, cell)}: {out.get('ename')}: {str(out.get('evalue'))[:300]}"
     return "no error cell found (timeout or kernel death?)"
 
 
