@@ -146,7 +146,7 @@ def discrepancy_rows_html(rows,  # list of dicts, see `discrepancy_table`
                           reference: str = "paper",  # header of the reference column: "paper", or what the reference is
                           profile: str | None = None,  # profile the numbers were computed at (said in the caption)
                           device: str | None = None,  # where they were computed (said in the caption)
-                          collapse: bool | None = None,  # one line instead of the rows; None: at profile "smoke"
+                          collapse: bool | None = None,  # hide our numbers ("—", rows kept); None: at profile "smoke"
                          ) -> str:
     "The HTML of the discrepancy table (see `discrepancy_table`)."
     required = {"quantity", "paper"}
@@ -161,9 +161,15 @@ def discrepancy_rows_html(rows,  # list of dicts, see `discrepancy_table`
     out = ['<table class="kdbook-discrepancy">']
     if caption:
         out.append(f"<caption>{html.escape(caption)}</caption>")
-    if collapse:
-        out += ["<tbody>", f'<tr><td class="kdbook-smoke">{html.escape(SMOKE_LINE)} ({len(rows)} quantities)</td></tr>',
-                "</tbody>", "</table>"]
+    if collapse:  # the paper's side of every row, so a reader sees what will be compared; ours is not shown
+        head = ["quantity", reference, "ours", "difference", "verdict"]
+        out += ["<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead>", "<tbody>"]
+        for row in rows:
+            cells = [row["quantity"], _fmt(row["paper"], row.get("unit", ""), row.get("digits", 3)),
+                     "— (smoke)", "—", SMOKE_LINE]
+            out.append('<tr class="kdbook-smoke">' + "".join(f"<td>{html.escape(str(c))}</td>" for c in cells)
+                       + "</tr>")
+        out += ["</tbody>", "</table>"]
         return "\n".join(out)
     head = ["quantity", reference, "ours (mean ± std, n)", "difference", "verdict", "reason"]
     out += ["<thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in head) + "</tr></thead>", "<tbody>"]
@@ -189,9 +195,9 @@ def discrepancy_rows_html(rows,  # list of dicts, see `discrepancy_table`
 
 def discrepancy_table(rows,  # list of dicts: quantity, paper, ours_mean, ours_std, n (or values), unit, digits, verdict, reason
                       reference: str = "paper",  # header of the reference column when the reference is not the paper
-                      profile: str | None = None,  # the chapter's profile; "smoke" collapses the table to one line
+                      profile: str | None = None,  # the chapter's profile; at "smoke" our numbers are not shown
                       device: str | None = None,  # where the numbers were computed, e.g. a record's meta["device"]
-                      collapse: bool | None = None,  # force (True) or forbid (False) the one-line smoke form
+                      collapse: bool | None = None,  # force (True) or forbid (False) the smoke form (rows, ours "—")
                      ) -> HTML:
     "Render reference · ours (mean ± sample std over n) · difference · verdict · reason as an HTML table (STYLE.md)."
     return HTML(discrepancy_rows_html(rows, reference=reference, profile=profile, device=device, collapse=collapse))

@@ -80,11 +80,15 @@ def test_discrepancy_table_computes_difference_and_handles_missing():
         discrepancy_rows_html([dict(quantity="q", paper=1.0)])
 
 
-def test_discrepancy_table_collapses_at_smoke():
-    rows = [dict(quantity=f"q{i}", paper=1.0, ours_mean=0.5, ours_std=0.1, n=3, verdict="not comparable (smoke)")
+def test_discrepancy_table_at_smoke_shows_every_row_with_the_paper_value_and_no_number_of_ours():
+    rows = [dict(quantity=f"q{i}", paper=1.0 + i, ours_mean=0.5, ours_std=0.1, n=3, verdict="not comparable (smoke)")
             for i in range(25)]
     html = discrepancy_rows_html(rows, profile="smoke")
-    assert SMOKE_LINE in html and html.count("<tr>") == 1 and "0.500" not in html
+    body = html.split("<tbody>")[1]
+    assert body.count("<tr") == 25 and "0.500" not in html and "n = 3" not in html
+    for i in range(25):  # each row: its quantity, the paper's value, "—" for ours, flagged as smoke
+        assert f"<td>q{i}</td><td>{1.0 + i:.3f}</td><td>— (smoke)</td>" in body, i
+    assert body.count(SMOKE_LINE) == 25 and body.count('class="kdbook-smoke"') == 25
     assert discrepancy_table(rows, profile="smoke").data == html
     # other profiles, or an explicit collapse=False (identities that hold at any profile), keep every row
     assert discrepancy_rows_html(rows, profile="quick").count("<tr>") == 26
