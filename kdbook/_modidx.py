@@ -422,6 +422,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'kdbook.viz.discrepancy_table': ('a4_figures.html#discrepancy_table', 'kdbook/viz.py'),
                             'kdbook.viz.figure_to_png': ('a4_figures.html#figure_to_png', 'kdbook/viz.py'),
                             'kdbook.viz.mean_std': ('a4_figures.html#mean_std', 'kdbook/viz.py'),
+                            'kdbook.viz.panel_grid': ('a4_figures.html#panel_grid', 'kdbook/viz.py'),
                             'kdbook.viz.plot_curve_with_band': ('a4_figures.html#plot_curve_with_band', 'kdbook/viz.py'),
                             'kdbook.viz.provenance': ('a4_figures.html#provenance', 'kdbook/viz.py'),
                             'kdbook.viz.slider_live': ('a4_figures.html#slider_live', 'kdbook/viz.py'),

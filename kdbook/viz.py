@@ -2,7 +2,7 @@
 
 # %% auto #0
 __all__ = ['SMOKE_LINE', 'figure_to_png', 'slider_stack', 'slider_live', 'mean_std', 'discrepancy_rows_html', 'discrepancy_table',
-           'provenance', 'plot_curve_with_band']
+           'provenance', 'plot_curve_with_band', 'panel_grid']
 
 # %% ../chapters/a4_figures.ipynb #c8877305
 import html
@@ -243,3 +243,23 @@ def plot_curve_with_band(ax,  # matplotlib Axes to draw on
             raise ValueError(f"paper_x {px.shape} and paper_y {py.shape} must have the same shape")
         ax.plot(px, py, "--D", color=line.get_color(), markerfacecolor="white", label=paper_label)
     return line
+
+# %% ../chapters/a4_figures.ipynb #7d3a1b02
+def panel_grid(n: int,  # number of panels
+               max_cols: int = 2,  # panels per row at most (two keep each panel about 360 px wide on the page)
+               panel_size=(3.6, 3.0),  # (width, height) of one panel, inches
+               **subplots_kw,  # passed on to plt.subplots (e.g. sharey=True)
+              ):
+    "A figure of n panels in rows of at most `max_cols`, each `panel_size` inches: (figure, list of the n Axes)."
+    import matplotlib.pyplot as plt
+
+    if not _is_int(n) or n < 1 or not _is_int(max_cols) or max_cols < 1:
+        raise ValueError(f"panel_grid needs n >= 1 panels and max_cols >= 1, got n={n!r}, max_cols={max_cols!r}")
+    cols = min(n, max_cols)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_size[0] * cols, panel_size[1] * rows), squeeze=False,
+                             **subplots_kw)
+    flat = list(axes.ravel())
+    for ax in flat[n:]:  # an odd count leaves an empty slot in the last row
+        ax.remove()
+    return fig, flat[:n]
