@@ -228,7 +228,7 @@ def plot_alpha_tau_heatmaps(alphas,  # the alpha grid (rows)
     for title, values in panels.items():
         if np.shape(values) != (len(alphas), len(taus)):
             raise ValueError(f"panel {title!r} has shape {np.shape(values)}, expected ({len(alphas)}, {len(taus)})")
-    fig, axes = panel_grid(len(panels), panel_size=(3.8, 3.2))
+    fig, axes = panel_grid(len(panels), max_cols=1, panel_size=(5.0, 3.3))  # one a row: the colour bar takes width
     for ax, (title, values) in zip(axes, panels.items()):
         v = np.asarray(values, dtype=float)
         im = ax.imshow(v, cmap=cmap, aspect="auto", origin="lower")

@@ -55,16 +55,17 @@ def _nb(*cells):
     return nb
 
 
-def test_long_exported_cells_are_folded_and_short_ones_stay_open():
+def test_long_code_cells_are_folded_and_short_ones_and_the_parameters_stay_open():
     from build_book import FOLD_LINES, postprocess
     long = "#| export\n" + "\n".join(f"x{i} = {i}" for i in range(FOLD_LINES + 1))
     short = "#| export\n" + "\n".join(f"y{i} = {i}" for i in range(FOLD_LINES))
     plain = "\n".join(f"z{i} = {i}" for i in range(FOLD_LINES + 5))
     hidden = "#| export\n#| echo: false\n" + "\n".join(f"w{i} = {i}" for i in range(FOLD_LINES + 5))
-    nb = _nb((long, ()), (short, ()), (plain, ()), (hidden, ()))
+    params = "\n".join(f"p{i} = {i}  # a parameter" for i in range(FOLD_LINES + 5))
+    nb = _nb((long, ()), (short, ()), (plain, ()), (hidden, ()), (params, ("parameters",)))
     postprocess(nb)
     tags = [c.metadata.get("tags", []) for c in nb.cells]
-    assert tags == [["hide-input"], [], [], ["remove-input"]], tags
+    assert tags == [["hide-input"], [], ["hide-input"], ["remove-input"], ["parameters"]], tags
     assert not nb.cells[0].source.startswith("#|")
 
 

@@ -27,9 +27,10 @@ Steps
    - `#| echo: false` / `#| hide_input` -> tag `remove-input` (the output stays, the code is
      not in the page at all; `hide-input` tags written by authors keep their fold-out button);
    - `#| output: false` / `#| hide_output` -> tag `remove-output`;
-   - `#| export`, `#| exports`, `#| exporti` keep the code in the page (it is the book's content), but a cell
-     longer than FOLD_LINES lines is folded behind a "show code" toggle (tag `hide-input`), so that a
-     chapter's results begin within a few screens; its output stays visible;
+   - `#| export`, `#| exports`, `#| exporti` keep the code in the page (it is the book's content), but any
+     code cell longer than FOLD_LINES lines (the parameters cell excepted) is folded behind a "show code"
+     toggle (tag `hide-input`), so that a chapter's results begin within a few screens; its output stays
+     visible (a chapter folds a shorter cell with the tag `hide-input` itself);
    - the parameters cell is shown once, with the values the chapter really ran with: papermill's
      injected-parameters cell is merged into it (each overridden value replaces the default on its line,
      the comment kept) and removed;
@@ -80,8 +81,7 @@ TAG_FOR = {
 }
 
 
-FOLD_LINES = 15  # an exported cell longer than this is folded behind a toggle in the page
-EXPORT = {"export", "exports", "exporti"}
+FOLD_LINES = 15  # a code cell longer than this is folded behind a toggle in the page
 PROFILES = ("smoke", "quick", "paper")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 UNKNOWN = object()  # a parameter whose default is not a literal
@@ -219,7 +219,7 @@ def postprocess(nb) -> None:
                 tag = TAG_FOR.get(d)
                 if tag and tag not in tags:
                     tags.append(tag)
-            if (EXPORT & set(found) and len(code.splitlines()) > FOLD_LINES
+            if (len(code.splitlines()) > FOLD_LINES and "parameters" not in tags
                     and not {"remove-cell", "remove-input", "hide-cell", "hide-input"} & set(tags)):
                 tags.append("hide-input")
             cell.source = code
