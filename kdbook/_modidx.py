@@ -425,6 +425,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                             'kdbook.viz.panel_grid': ('a4_figures.html#panel_grid', 'kdbook/viz.py'),
                             'kdbook.viz.plot_curve_with_band': ('a4_figures.html#plot_curve_with_band', 'kdbook/viz.py'),
                             'kdbook.viz.provenance': ('a4_figures.html#provenance', 'kdbook/viz.py'),
+                            'kdbook.viz.records_provenance': ('a4_figures.html#records_provenance', 'kdbook/viz.py'),
                             'kdbook.viz.slider_live': ('a4_figures.html#slider_live', 'kdbook/viz.py'),
                             'kdbook.viz.slider_stack': ('a4_figures.html#slider_stack', 'kdbook/viz.py')},
             'kdbook.zoo': { 'kdbook.zoo.Recipe': ('synthetic.html#recipe', 'kdbook/zoo.py'),

@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SMOKE_LINE', 'figure_to_png', 'slider_stack', 'slider_live', 'mean_std', 'discrepancy_rows_html', 'discrepancy_table',
-           'provenance', 'plot_curve_with_band', 'panel_grid']
+           'provenance', 'records_provenance', 'plot_curve_with_band', 'panel_grid']
 
 # %% ../chapters/a4_figures.ipynb #c8877305
 import html
@@ -214,6 +214,30 @@ def provenance(profile: str,  # the profile the figure's numbers were computed a
         raise ValueError("provenance needs the profile and the device that computed the figure")
     parts = [f"profile {profile}" + (" (pipeline check only: the numbers mean nothing)" if profile == "smoke" else ""),
              f"computed on {device}"] + ([f"n = {n}"] if n else [])
+    return " · ".join(parts)
+
+# %% ../chapters/a4_figures.ipynb #5a1e7c24
+def records_provenance(records,  # the stored records a figure or table reads (dicts with params and meta)
+                       n: str | None = None,  # what the figure averages or shows, e.g. "3 trials"
+                      ) -> str:
+    "The line under a figure that reads stored records: the profiles and devices the records themselves name."
+    records = list(records)
+    if not records:
+        raise ValueError("records_provenance needs at least one record")
+    profiles, devices, unnamed = set(), set(), 0
+    for r in records:
+        prof = (r.get("params") or {}).get("profile") or (r.get("meta") or {}).get("profile")
+        if prof:
+            profiles.add(str(prof))
+        else:
+            unnamed += 1
+        devices.add(str((r.get("meta") or {}).get("device") or "an unrecorded device"))
+    named = ", ".join(sorted(profiles))
+    profile = (f"profile {named}" if named else "profile not recorded") + (
+        f" ({unnamed} of {len(records)} records name no profile)" if unnamed and named else "")
+    if profiles == {"smoke"}:
+        profile += " (pipeline check only: the numbers mean nothing)"
+    parts = [profile, f"computed on {', '.join(sorted(devices))}"] + ([f"n = {n}"] if n else [])
     return " · ".join(parts)
 
 # %% ../chapters/a4_figures.ipynb #74e980f1
