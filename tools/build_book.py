@@ -207,7 +207,7 @@ def merge_parameters(nb) -> None:
 
 
 def postprocess(nb) -> None:
-    """Turn nbdev directives into Jupyter Book tags, fold long exported cells, merge the injected parameters
+    """Turn nbdev directives into Jupyter Book tags, fold long code cells, merge the injected parameters
     into the parameters cell, and drop outputs docutils cannot take (in place)."""
     merge_parameters(nb)
     cells = []
