@@ -239,6 +239,8 @@ def plot_policy_grid(batch: torch.Tensor,  # float (n, C, H, W) in [-1, 1]: the 
             img = ((show[c].detach().float().cpu() + 1) / 2).clamp(0, 1).permute(1, 2, 0).numpy()
             ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([]); ax.set_yticks([])
-            if c >= n - k: ax.set_title("appended", fontsize=7)
+            for spine in ax.spines.values():  # thumbnails, not plots: no frame
+                spine.set_visible(False)
+            if c >= n - k: ax.set_title("appended", fontsize=9)
         axes[r, 0].set_ylabel(p, rotation=0, ha="right", va="center", fontsize=9)
     return fig

@@ -1,5 +1,5 @@
-"""Headless Chromium over the built book: every chapter page's figures, and the τ slider (Preliminaries)
-and the λ slider (§6.2) moving in the static HTML, offline."""
+"""Headless Chromium over the built book: every chapter page's figures (decoded, and every panel wide enough to
+read), and the τ slider (Preliminaries) and the λ slider (§6.2) moving in the static HTML, offline."""
 from __future__ import annotations
 
 import pytest
@@ -87,6 +87,85 @@ def test_every_chapter_page_shows_its_figures(browser, served_book, built_book):
         broken = [i["src"] for i in images if not (i["complete"] and i["w"] > 0)]
         assert not broken, f"{rel}: images not decoded: {broken}"
         page.close()
+
+
+# The panels of every figure, measured on the page: in each image, the row of pixels with the most long dark
+# horizontal runs is the row of the axes' bottom spines, and each run is one panel's width in the PNG; scaled by
+# the image's rendered / natural width, that is the panel's width on the page. (Dashed reference lines, legend
+# frames and colour bars are far shorter than a run; images a stack or a fold hides have no width and are skipped.)
+MIN_PANEL_PX = 250
+PANEL_WIDTHS = r"""() => Array.from(document.querySelectorAll('main img')).map(img => {
+    const rect = img.getBoundingClientRect();
+    if (!img.complete || !img.naturalWidth || rect.width === 0) return null;
+    const W = img.naturalWidth, H = img.naturalHeight;
+    const canvas = document.createElement('canvas');
+    canvas.width = W; canvas.height = H;
+    const ctx = canvas.getContext('2d');
+    ctx.drawImage(img, 0, 0);
+    const d = ctx.getImageData(0, 0, W, H).data;
+    const minRun = Math.max(40, Math.round(0.08 * W));
+    let best = [];
+    for (let y = 0; y < H; y++) {
+        const runs = [];
+        let start = -1;
+        for (let x = 0; x <= W; x++) {
+            const k = (y * W + x) * 4;
+            const dark = x < W && d[k + 3] > 200 && d[k] < 70 && d[k + 1] < 70 && d[k + 2] < 70;
+            if (dark && start < 0) start = x;
+            if (!dark && start >= 0) { if (x - start >= minRun) runs.push(x - start); start = -1; }
+        }
+        if (runs.length > best.length) best = runs;
+    }
+    const scale = rect.width / W;
+    return {src: img.src.slice(0, 80), rendered: Math.round(rect.width), natural: W,
+            panels: best.map(r => Math.round(r * scale))};
+}).filter(x => x)"""
+
+
+def test_the_panel_measure_finds_narrow_panels(browser, tmp_path):
+    """The measure itself: a PNG of four panels in a row shown 600 px wide has panels under 250 px; the same
+    figure as a 2 × 2 grid shown at its natural size does not."""
+    import base64
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kdbook.viz import figure_to_png, panel_grid
+
+    def png(fig):
+        for ax in fig.axes:
+            ax.plot([0, 1], [0, 1])
+        return base64.b64encode(figure_to_png(fig, dpi=100)).decode()
+
+    row, _ = plt.subplots(1, 4, figsize=(16, 3))
+    grid, _ = panel_grid(4)
+    (tmp_path / "p.html").write_text(f'<main><img style="width:600px" src="data:image/png;base64,{png(row)}">'
+                                     f'<img src="data:image/png;base64,{png(grid)}"></main>')
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto((tmp_path / "p.html").as_uri())
+    page.wait_for_function("() => Array.from(document.images).every(i => i.complete)")
+    row_m, grid_m = page.evaluate(PANEL_WIDTHS)
+    page.close()
+    assert len(row_m["panels"]) == 4 and max(row_m["panels"]) < MIN_PANEL_PX, row_m
+    assert len(grid_m["panels"]) == 2 and min(grid_m["panels"]) >= MIN_PANEL_PX, grid_m
+
+
+def test_every_figure_panel_is_wide_enough_on_the_page(browser, served_book, built_book):
+    """No panel of any figure of any chapter is shown under MIN_PANEL_PX wide (a desktop window, 1280 px): a
+    wider figure is shrunk to the text column, and its labels with it."""
+    pages = sorted(p.relative_to(built_book.html).as_posix() for p in (built_book.html / "chapters").glob("*.html"))
+    assert pages, "no chapter pages were built"
+    narrow = []
+    for rel in pages:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"{served_book}/{rel}", wait_until="networkidle")
+        for fig in page.evaluate(PANEL_WIDTHS):
+            if fig["panels"] and min(fig["panels"]) < MIN_PANEL_PX:
+                narrow.append(f"{rel}: {len(fig['panels'])} panel(s) of {fig['panels']} px (image {fig['natural']} px "
+                              f"shown at {fig['rendered']} px): {fig['src']}")
+        page.close()
+    assert not narrow, (f"figures with panels under {MIN_PANEL_PX} px on the page (use kdbook.viz.panel_grid: at most "
+                        "two panels a row):\n" + "\n".join(narrow))
 
 
 # Markup that should never reach a reader: a `$` that MathJax did not typeset, an escaped underscore, a pipe

@@ -44,6 +44,47 @@ def test_directive_detector_can_fail():
     assert not DIRECTIVE_IN_CODE.search('<code><span class="pre">#|</span> <span class="pre">export</span></code>')
 
 
+def _nb(*cells):
+    import nbformat
+    nb = nbformat.v4.new_notebook()
+    for source, tags in cells:
+        c = nbformat.v4.new_code_cell(source)
+        if tags:
+            c.metadata["tags"] = list(tags)
+        nb.cells.append(c)
+    return nb
+
+
+def test_long_code_cells_are_folded_and_short_ones_and_the_parameters_stay_open():
+    from build_book import FOLD_LINES, postprocess
+    long = "#| export\n" + "\n".join(f"x{i} = {i}" for i in range(FOLD_LINES + 1))
+    short = "#| export\n" + "\n".join(f"y{i} = {i}" for i in range(FOLD_LINES))
+    plain = "\n".join(f"z{i} = {i}" for i in range(FOLD_LINES + 5))
+    hidden = "#| export\n#| echo: false\n" + "\n".join(f"w{i} = {i}" for i in range(FOLD_LINES + 5))
+    params = "\n".join(f"p{i} = {i}  # a parameter" for i in range(FOLD_LINES + 5))
+    nb = _nb((long, ()), (short, ()), (plain, ()), (hidden, ()), (params, ("parameters",)))
+    postprocess(nb)
+    tags = [c.metadata.get("tags", []) for c in nb.cells]
+    assert tags == [["hide-input"], [], ["hide-input"], ["remove-input"], ["parameters"]], tags
+    assert not nb.cells[0].source.startswith("#|")
+
+
+def test_the_parameters_cell_is_shown_once_with_the_values_the_chapter_ran_with():
+    from build_book import postprocess
+    params = ('profile = "smoke"  # smoke | quick | paper\nseed = 0  # first seed\nname = "a # b"  # a name\n'
+              'tau = 4.0  # τ, softmax temperature')
+    nb = _nb((params, ("parameters",)), ('# Parameters\nprofile = "quick"\nname = "c"\ntau = 0.5\n',
+                                         ("injected-parameters",)), ("print(profile)", ()))
+    postprocess(nb)
+    assert len(nb.cells) == 2, "the injected-parameters cell is still in the page"
+    assert nb.cells[0].source == ('profile = "quick"  # smoke | quick | paper\nseed = 0  # first seed\n'
+                                  'name = "c"  # a name\ntau = 0.5  # τ, softmax temperature')
+    # a name the parameters cell does not assign: both cells stay, nothing is lost
+    nb = _nb((params, ("parameters",)), ("# Parameters\nother = 1\n", ("injected-parameters",)))
+    postprocess(nb)
+    assert len(nb.cells) == 2 and nb.cells[0].source == params
+
+
 def test_no_cdn_address_in_any_page(built_book):
     pages = list(built_book.html.rglob("*.html"))
     assert pages
@@ -98,15 +139,18 @@ def test_rerun_is_served_from_the_store(built_book, tmp_path):
     chapter = next((e for e in toc_notebooks() if (staged / (e.removesuffix(".ipynb") + ".ipynb")).is_file()
                     and any(l.startswith("store: computed") for l in
                             _store_lines(staged / (e.removesuffix(".ipynb") + ".ipynb")))), None)
-    assert chapter, "no chapter computed anything through the results store in the smoke build"
+    # the store's own progress lines may be silenced: then the Preliminaries, which train their LeNet-5 through it
+    chapter = chapter or next(e for e in toc_notebooks() if "10_preliminaries" in e)
     records = {p: p.stat().st_mtime_ns for p in built_book.results.rglob("*.json")}
     assert records, "the fresh results store is still empty after the build"
     cmd = [sys.executable, str(REPO / "tools" / "build_book.py"), "--profile", "smoke", "--only", chapter,
            "--results", str(built_book.results), "--build-dir", str(tmp_path / "rerun"), "--no-html"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"records recomputed: none (every stored number was read from {built_book.results.resolve()})" \
+        in proc.stdout, proc.stdout[-3000:]
     lines = _store_lines(tmp_path / "rerun" / "src" / (chapter.removesuffix(".ipynb") + ".ipynb"))
-    assert lines and all(l.startswith("store: reused") for l in lines), lines
+    assert all(l.startswith("store: reused") for l in lines), lines
     after = {p: p.stat().st_mtime_ns for p in built_book.results.rglob("*.json")}
     assert after == records, "re-running the chapter rewrote or added records"
 
@@ -149,6 +193,16 @@ def test_a_bad_parameter_fails_before_anything_runs(tmp_path, args, words):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert words in proc.stderr and "nothing was executed" in proc.stderr, proc.stderr
     assert not (root / "results" / "ran").exists() and not (root / "_build" / "logs").exists()
+
+
+@pytest.mark.parametrize("name,value,words", [("n_examples", "-5", "n_examples = -5: the invariance checks need at "
+                                                "least 2"), ("n_classes", "1", "n_classes = 1: the random logits need")])
+def test_a_value_a_chapter_cannot_take_is_named_in_the_error(tmp_path, name, value, words):
+    cmd = [sys.executable, str(REPO / "tools" / "build_book.py"), "--only", "11_metrics", "--profile", "smoke",
+           "--results", str(tmp_path / "store"), "--build-dir", str(tmp_path / "b"), "--no-html", "-p", name, value]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "not retried" in proc.stderr, proc.stdout + proc.stderr
+    assert f"ValueError: {words}" in proc.stderr and "AssertionError" not in proc.stderr, proc.stderr
 
 
 def test_a_python_exception_is_not_retried_and_names_the_cell(tmp_path):

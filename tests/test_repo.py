@@ -175,6 +175,41 @@ def test_preface_coverage_table_matches_profiles_and_store():
         assert not any(d.startswith("cuda") for d in devices), "the store has GPU records: update the preface"
 
 
+def _device_records() -> list[str]:
+    "The device of every record of the store (benchmarks included), as the record names it."
+    import json
+    found = []
+    for p in (REPO / "results").rglob("*.json"):
+        try:
+            data = json.loads(p.read_text())
+        except ValueError:
+            continue
+        meta = data.get("meta", {}) if isinstance(data, dict) else {}
+        top = data if isinstance(data, dict) else {}
+        found.append(" ".join(str(v) for v in (meta.get("device"), top.get("device_name"), top.get("device")) if v))
+    return found
+
+
+GPU_NAMES = ("H100", "H200", "A100", "V100", "A10G", "L4", "T4", "RTX")
+
+
+def test_the_reader_is_told_one_provenance_story():
+    """What the preface and the chapters published at `quick` say about where numbers come from agrees with the
+    store: no chapter published at quick calls its runs owed, and the preface cites no GPU model that no stored
+    record names."""
+    import re
+    from build_book import chapter_profiles
+    published = chapter_profiles(REPO, None)
+    owed = [nb.stem for nb in CHAPTERS if published(nb.stem) != "smoke"
+            and re.search(r"\b(?:is|are|run is|runs are) owed\b", nb.read_text())]
+    assert not owed, f"chapters published at quick or paper that call their runs owed: {owed}"
+    devices = " ".join(_device_records())
+    preface = (REPO / "chapters" / "00_preface.md").read_text()
+    cited = {g for g in GPU_NAMES if re.search(rf"\b{g}\b", preface)}
+    unrecorded = sorted(g for g in cited if g not in devices)
+    assert not unrecorded, f"the preface cites {unrecorded} but no stored record was computed on one"
+
+
 def test_every_toc_entry_exists():
     missing = [e for e in _toc_entries() if not any((REPO / (e + ext)).exists() for ext in ("", ".ipynb", ".md"))]
     assert not missing, f"_toc.yml names missing files: {missing}"

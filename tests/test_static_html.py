@@ -1,5 +1,7 @@
 """Every file of the built book (.html, .js, .css) is checked statically: no script, style, image, font or
-frame is loaded from a non-local address, so the book works offline and tells no third party who reads it."""
+frame is loaded from a non-local address, so the book works offline and tells no third party who reads it; and
+no page shows the project's own operations (how and where runs were made, the store's progress lines) to a
+reader."""
 from __future__ import annotations
 
 import re
@@ -118,3 +120,89 @@ def test_no_page_script_style_image_or_font_comes_from_outside(built_book):
         if found:
             problems[rel] = sorted(set(found))[:5]
     assert not problems, f"files that load from outside the book: {problems}"
+
+
+# ---------- what a reader should never be shown: the project's operations, not the book's content ----------
+# Checked on what a page shows outside its code cells' source (prose, captions, tables, cell outputs): code may
+# legitimately name a `slice`; an output line or a sentence about "the borrowed machine" may not.
+OPERATIONS = {
+    "a store progress line (store: reused/computed <name> <key>)": r"\bstore: (?:reused|computed)\b",
+    "a git-metadata note": r"\bgit[- ]metadata\b|\bno git (?:revision|checkout|repository)\b",
+    "a borrowed or leased machine": r"\bborrowed (?:machine|gpu|device)s?\b|\blease[sd]?\b",
+    "a device slice": r"\bMIG\b|\b(?:gpu|device|h100|h200|a100) slices?\b|\bslices? of (?:an? |the )?"
+                      r"(?:gpu|h100|h200|a100|device|machine)\b",
+    "legacy records": r"\blegacy\b",
+    "internal files or issue numbers": r"\bFACTS\.md\b|\bshared/|\bissue #\d+|\bhelpers? (?:quick-a|lib|appendix|reader)\b",
+}
+OPERATIONS_RE = {what: re.compile(p, re.I) for what, p in OPERATIONS.items()}
+
+
+class _ReaderText(HTMLParser):
+    "The text a page shows, without scripts, styles, and the source of code cells (their outputs are kept)."
+    VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.text, self._skip = [], []  # _skip: depth counters of the elements being skipped
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.VOID:
+            return
+        if self._skip:
+            self._skip[-1] += 1
+            return
+        classes = set((dict(attrs).get("class") or "").split())
+        if tag in ("script", "style", "head") or "cell_input" in classes:
+            self._skip.append(1)
+
+    def handle_endtag(self, tag):
+        if tag in self.VOID:
+            return
+        if self._skip:
+            self._skip[-1] -= 1
+            if self._skip[-1] == 0:
+                self._skip.pop()
+
+    def handle_data(self, data):
+        if not self._skip:
+            self.text.append(data)
+
+
+def operations_text(page_html: str) -> list[str]:
+    "`what: …context…` for each piece of project-operations text a reader would see on the page."
+    scan = _ReaderText()
+    scan.feed(page_html)
+    text = " ".join(" ".join(scan.text).split())
+    return [f"{what}: …{text[max(0, m.start() - 60):m.end() + 60]}…"
+            for what, rx in OPERATIONS_RE.items() for m in rx.finditer(text)]
+
+
+def test_the_operations_scanner_finds_such_text_and_ignores_code():
+    bad = """<html><head><title>x</title></head><body><p>Computed on a borrowed machine.</p>
+      <div class="cell_output"><pre>store: reused 10-preliminaries 3fa2b1c9</pre></div>
+      <p>revision note: the copy had no git metadata</p><p>on a MIG slice of an H100</p>
+      <p>3 legacy records</p><p>see FACTS.md</p></body></html>"""
+    found = operations_text(bad)
+    assert len({f.split(":")[0] for f in found}) == 6, found
+    ok = """<html><body><div class="cell tag_hide-input"><div class="cell_input"><div class="highlight"><pre>
+      x = images[slice(0, 8)]  # batches are slices; store: reused is the store's log line</pre></div></div>
+      <div class="cell_output"><pre>agreement 0.98</pre></div></div><p>The teacher is computed on one H100.</p>
+      <script>var legacy = 1</script></body></html>"""
+    assert operations_text(ok) == [], operations_text(ok)
+
+
+@pytest.mark.build
+def test_no_page_shows_project_operations(built_book):
+    """No page of the book (chapters of every part, the preface, the index) tells the reader how the project ran
+    its machines or its store: no store progress lines, git-metadata notes, borrowed machines, slices, legacy
+    records, internal files."""
+    pages = sorted(p for p in built_book.html.rglob("*.html")
+                   if not any(part.startswith("_") for part in p.relative_to(built_book.html).parts[:-1]))
+    assert pages, "no pages were built"
+    problems = {}
+    for p in pages:
+        found = operations_text(p.read_text(errors="replace"))
+        if found:
+            problems[p.relative_to(built_book.html).as_posix()] = found[:5]
+    assert not problems, "pages showing project-operations text:\n" + "\n".join(
+        f"{rel}:\n  " + "\n  ".join(found) for rel, found in problems.items())

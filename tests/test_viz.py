@@ -9,7 +9,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 from ipywidgets.embed import embed_data, embed_minimal_html  # noqa: E402
 
-from kdbook.viz import SMOKE_LINE, discrepancy_rows_html, discrepancy_table, mean_std, figure_to_png, plot_curve_with_band, slider_live, slider_stack  # noqa: E402
+from kdbook.viz import (SMOKE_LINE, discrepancy_rows_html, discrepancy_table, mean_std, figure_to_png, panel_grid,  # noqa: E402
+                        plot_curve_with_band, provenance, records_provenance, slider_live, slider_stack)
 
 
 def _fig(k):
@@ -80,11 +81,15 @@ def test_discrepancy_table_computes_difference_and_handles_missing():
         discrepancy_rows_html([dict(quantity="q", paper=1.0)])
 
 
-def test_discrepancy_table_collapses_at_smoke():
-    rows = [dict(quantity=f"q{i}", paper=1.0, ours_mean=0.5, ours_std=0.1, n=3, verdict="not comparable (smoke)")
+def test_discrepancy_table_at_smoke_shows_every_row_with_the_paper_value_and_no_number_of_ours():
+    rows = [dict(quantity=f"q{i}", paper=1.0 + i, ours_mean=0.5, ours_std=0.1, n=3, verdict="not comparable (smoke)")
             for i in range(25)]
     html = discrepancy_rows_html(rows, profile="smoke")
-    assert SMOKE_LINE in html and html.count("<tr>") == 1 and "0.500" not in html
+    body = html.split("<tbody>")[1]
+    assert body.count("<tr") == 25 and "0.500" not in html and "n = 3" not in html
+    for i in range(25):  # each row: its quantity, the paper's value, "—" for ours, flagged as smoke
+        assert f"<td>q{i}</td><td>{1.0 + i:.3f}</td><td>— (smoke)</td>" in body, i
+    assert body.count(SMOKE_LINE) == 25 and body.count('class="kdbook-smoke"') == 25
     assert discrepancy_table(rows, profile="smoke").data == html
     # other profiles, or an explicit collapse=False (identities that hold at any profile), keep every row
     assert discrepancy_rows_html(rows, profile="quick").count("<tr>") == 26
@@ -120,3 +125,25 @@ def test_plot_curve_with_band_draws_paper_values():
     with pytest.raises(ValueError, match="both"):
         plot_curve_with_band(ax, [1], [1], paper_y=[1])
     plt.close(fig)
+
+
+def test_provenance_lines_never_show_a_missing_profile_as_a_profile():
+    recs = [dict(params=dict(profile="quick"), meta=dict(device="cpu: x86_64 (1 threads)")) for _ in range(3)]
+    assert records_provenance(recs, "3 trials") == "profile quick · computed on cpu: x86_64 (1 threads) · n = 3 trials"
+    mixed = records_provenance(recs + [dict(params=dict(seed=0), meta=dict(device="cpu: x86_64 (1 threads)"))])
+    assert "profile quick (1 of 4 records name no profile)" in mixed and "None" not in mixed
+    assert records_provenance([dict(params={}, meta={})]) == "profile not recorded · computed on an unrecorded device"
+    assert "pipeline check only" in records_provenance([dict(params=dict(profile="smoke"), meta=dict(device="cpu"))])
+    with pytest.raises(ValueError, match="profile and the device"):
+        provenance("quick", "")
+
+
+def test_panel_grid_keeps_at_most_two_panels_a_row():
+    fig, axes = panel_grid(5)
+    assert len(axes) == len(fig.axes) == 5 and tuple(fig.get_size_inches()) == (7.2, 9.0)
+    plt.close(fig)
+    fig, axes = panel_grid(3, max_cols=1, panel_size=(5.0, 3.0))
+    assert tuple(fig.get_size_inches()) == (5.0, 9.0)
+    plt.close(fig)
+    with pytest.raises(ValueError, match="n >= 1"):
+        panel_grid(0)

@@ -27,7 +27,13 @@ Steps
    - `#| echo: false` / `#| hide_input` -> tag `remove-input` (the output stays, the code is
      not in the page at all; `hide-input` tags written by authors keep their fold-out button);
    - `#| output: false` / `#| hide_output` -> tag `remove-output`;
-   - `#| export`, `#| exports`, `#| exporti` keep the code visible (it is the book's content);
+   - `#| export`, `#| exports`, `#| exporti` keep the code in the page (it is the book's content), but any
+     code cell longer than FOLD_LINES lines (the parameters cell excepted) is folded behind a "show code"
+     toggle (tag `hide-input`), so that a chapter's results begin within a few screens; its output stays
+     visible (a chapter folds a shorter cell with the tag `hide-input` itself);
+   - the parameters cell is shown once, with the values the chapter really ran with: papermill's
+     injected-parameters cell is merged into it (each overridden value replaces the default on its line,
+     the comment kept) and removed;
    - a code cell left empty after stripping (e.g. only `#| default_exp`) is removed;
    - markdown outputs that begin with `---` (nbdev `show_doc`) are dropped: docutils rejects a
      transition at the start of a document fragment.
@@ -35,8 +41,9 @@ Steps
    strict: `-W -n --keep-going`. HTML lands in `<build-dir>/html` (default `_build/html`). The
    previous HTML is moved to `<build-dir>/html.stale` (with a STALE.txt) when the build starts and
    deleted only when the new HTML is in place, so a failed build never leaves old pages looking current.
-5. The summary lists the records the build wrote into the results store (new or rewritten files),
-   i.e. what it recomputed rather than read.
+5. The summary names the results store the build read and computed into (`--results DIR`, or `results/`)
+   and lists the records it wrote there (new or rewritten files), i.e. what it recomputed rather than read;
+   with `--results`, a record written into `results/` anyway is reported as a chapter ignoring `results_dir`.
 
 `--only CHAPTER` (e.g. `10_preliminaries` or `chapters/10_preliminaries.ipynb`) executes and
 builds just that chapter (the staged toc keeps the root page and that chapter); that build is not
@@ -74,6 +81,7 @@ TAG_FOR = {
 }
 
 
+FOLD_LINES = 15  # a code cell longer than this is folded behind a toggle in the page
 PROFILES = ("smoke", "quick", "paper")
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 UNKNOWN = object()  # a parameter whose default is not a literal
@@ -163,8 +171,45 @@ def directives(source: str) -> tuple[list[str], str]:
     return found, "\n".join(kept).strip("\n")
 
 
+def merge_parameters(nb) -> None:
+    """Show the parameters cell once, with the values the chapter ran with (in place): every assignment of
+    papermill's injected-parameters cell replaces the default on its line of the `parameters` cell (the line's
+    comment kept), and the injected cell is removed. A name the parameters cell does not assign on one line
+    (or an injected cell that is not plain assignments) leaves both cells as they are."""
+    injected = [c for c in nb.cells if c.cell_type == "code" and "injected-parameters" in c.metadata.get("tags", [])]
+    params = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    if len(injected) != 1 or len(params) != 1:
+        return
+    try:
+        given = {}
+        for node in ast.parse(injected[0].source).body:
+            if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+                return
+            given[node.targets[0].id] = ast.get_source_segment(injected[0].source, node.value)
+        lines = params[0].source.splitlines()
+        masked = "\n".join("" if l.lstrip().startswith(("%", "!")) else l for l in lines)
+        where = {}
+        for node in ast.parse(masked).body:
+            if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+                targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+                if len(targets) == 1 and isinstance(targets[0], ast.Name) and node.value.lineno == node.value.end_lineno:
+                    where[targets[0].id] = (node.value.lineno - 1, node.value.col_offset, node.value.end_col_offset)
+    except SyntaxError:
+        return
+    if not set(given) <= set(where):
+        return
+    for name, text in given.items():
+        row, start, end = where[name]
+        line = lines[row].encode()  # ast offsets count UTF-8 bytes
+        lines[row] = (line[:start] + text.encode() + line[end:]).decode()
+    params[0].source = "\n".join(lines)
+    nb.cells = [c for c in nb.cells if c is not injected[0]]
+
+
 def postprocess(nb) -> None:
-    """Turn nbdev directives into Jupyter Book tags and drop outputs docutils cannot take (in place)."""
+    """Turn nbdev directives into Jupyter Book tags, fold long code cells, merge the injected parameters
+    into the parameters cell, and drop outputs docutils cannot take (in place)."""
+    merge_parameters(nb)
     cells = []
     for cell in nb.cells:
         if cell.cell_type == "code":
@@ -174,6 +219,9 @@ def postprocess(nb) -> None:
                 tag = TAG_FOR.get(d)
                 if tag and tag not in tags:
                     tags.append(tag)
+            if (len(code.splitlines()) > FOLD_LINES and "parameters" not in tags
+                    and not {"remove-cell", "remove-input", "hide-cell", "hide-input"} & set(tags)):
+                tags.append("hide-input")
             cell.source = code
             outputs = []
             for out in cell.get("outputs", []):
@@ -444,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     params += [tuple(p) for p in args.parameter]
     results_dir = Path(args.results).resolve() if args.results else root / "results"
     records_before = snapshot(results_dir)
+    # with --results, the repository's own store must stay untouched: a chapter that ignores results_dir shows here
+    default_store = root / "results"
+    default_before = snapshot(default_store) if results_dir != default_store.resolve() else None
     stale = build / "html.stale"
     if html.exists() and not args.no_html:  # never leave the previous pages looking like this build's
         if stale.exists():
@@ -465,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
 
     shown = args.profile or ", ".join(f"{p.stem}={profile_of(p.stem)}" for p in notebooks)
     print(f"kdbook build: {len(paths)} pages, {len(notebooks)} notebooks, profile {shown}, params {dict(params)}, "
-          f"{args.threads} thread(s) per chapter", flush=True)
+          f"results store {results_dir}, {args.threads} thread(s) per chapter", flush=True)
     t_all = time.time()
     jobs = max(1, min(args.jobs, len(notebooks) or 1))
     # The same thread count for every chapter, however many run side by side: float sums are reduced in
@@ -488,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
             if not ok:
                 failures.append(f"error: chapter {rel} {message}")
     print(records_summary(results_dir, records_before), flush=True)
+    if default_before is not None and snapshot(default_store) != default_before:
+        print(f"warning: the build was pointed at {results_dir} but also wrote into {default_store}: a chapter "
+              f"ignores its results_dir parameter\n" + records_summary(default_store, default_before), flush=True)
     if failures:
         print("\n".join(failures), file=sys.stderr)
         if stale.exists():
