@@ -49,11 +49,12 @@ def source_chapter(root: Path, name: str) -> str | None:
 def _show(obj, name: str, level: int) -> str:
     from nbdev.showdoc import show_doc
     md = show_doc(obj, name=name, title_level=level)._repr_markdown_()
+    md = re.sub(r" at 0x[0-9a-f]+", "", md)  # default values' memory addresses differ from run to run
     return re.sub(r"^---\s*\n", "", md.strip()).strip()  # no rule before a heading: it would open the page's sections
 
 
 def _constant(name: str, value) -> str:
-    text = repr(value)
+    text = re.sub(r" at 0x[0-9a-f]+", "", repr(value))  # memory addresses differ from run to run
     text = text if len(text) <= 300 else text[:297] + "..."
     try:  # a repr that is not Python (e.g. "<class ...>") is shown as plain text
         ast.parse(f"{name} = {text}")
