@@ -70,6 +70,8 @@ def docstring_problem(text: str | None) -> str | None:
         return f"starts with a quotation mark or emphasis ({text[:40]!r}...): quote the paper in '## The claim', not here"
     if CLAIM.search(text):
         return f"states the paper's claim ({CLAIM.search(text).group(0)!r}): say what the module provides"
+    if re.search(r"\d\s?%", text):
+        return "quotes results (a percentage): say what the module provides; results belong in the chapter"
     if len(text.split()) < 6:
         return f"too short to say what the module provides: {text!r}"
     return None
@@ -81,6 +83,7 @@ def test_docstring_problem_detects_each_case():
     assert docstring_problem("*Teachers (CIFAR-100): 200 epochs*")
     assert docstring_problem("The paper's claim (§6.2), tested here: train agreement is low.")
     assert docstring_problem("Plots.")
+    assert docstring_problem("Recycling: the best agreement is still only about 85% (Figure 4).")
     assert docstring_problem("The KD loss of Eq. 1 (kd_loss), the ensemble teacher's logits and the KD gradient.") is None
 
 
