@@ -10,7 +10,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
-from api_pages import LIBRARY, modules, pages  # noqa: E402
+from api_pages import LIBRARY, modules, pages, toc_text  # noqa: E402
 
 MODULES = sorted(p.stem for p in (REPO / "kdbook").glob("*.py") if not p.stem.startswith("_"))
 
@@ -48,6 +48,15 @@ def test_library_first_then_experiments_and_all_in_the_toc():
     assert entries == want, "_toc.yml's API part must list api/index, the library, api/experiments, the experiment modules"
     toc = yaml.safe_load((REPO / "_toc.yml").read_text())
     assert toc["parts"][-1]["chapters"][0]["file"] == "chapters/use_kdbook", "the usage page opens the last part"
+
+
+def test_the_generator_writes_the_toc_entries():
+    toc = (REPO / "_toc.yml").read_text()
+    assert toc_text(REPO, toc) == toc, "run python tools/api_pages.py: _toc.yml's API entries are stale"
+    bare = re.sub(r"\n +(sections:|- file: api/(?!index)\w+)(?=\n)", "", toc)
+    assert bare != toc and toc_text(REPO, bare) == toc
+    with pytest.raises(ValueError, match="api/index"):
+        toc_text(REPO, "format: jb-book\n")
 
 
 def test_a_new_public_name_makes_the_check_fail(generated, monkeypatch):

@@ -6,8 +6,8 @@ the rendering of nbdev's `show_doc` (signature with the docments comments, docst
 public methods, constants their value. Nothing is written by hand: run this after changing the library and
 commit the result (`tests/test_api_reference.py` fails when a page is stale or a public name is missing).
 
-    python tools/api_pages.py           # rewrite api/
-    python tools/api_pages.py --check   # exit 1 if api/ differs from what the code gives
+    python tools/api_pages.py           # rewrite api/ and the API entries of _toc.yml
+    python tools/api_pages.py --check   # exit 1 if api/ or those entries differ from what the code gives
 """
 from __future__ import annotations
 
@@ -108,6 +108,25 @@ def pages(root: Path = REPO) -> dict[str, str]:
     return out
 
 
+TOC_START = "      - file: api/index\n"
+
+
+def toc_text(root: Path, toc: str) -> str:
+    "_toc.yml with its API entries (api/index, the library, api/experiments, the experiment modules) regenerated."
+    library, experiments = modules(root)
+    block = (TOC_START + "        sections:\n" + "".join(f"          - file: api/{m}\n" for m in library)
+             + "      - file: api/experiments\n        sections:\n"
+             + "".join(f"          - file: api/{m}\n" for m in experiments))
+    if TOC_START not in toc:
+        raise ValueError("_toc.yml has no `      - file: api/index` entry: add it (with the usage page) in the last part")
+    head, rest = toc.split(TOC_START, 1)
+    lines = rest.splitlines(True)
+    n = 0
+    while n < len(lines) and re.match(r"\s+(sections:|- file: api/)", lines[n]):
+        n += 1
+    return head + block + "".join(lines[n:])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="only check that api/ is current")
@@ -118,10 +137,15 @@ def main(argv=None) -> int:
     folder = root / "api"
     have = {p.name: p.read_text() for p in folder.glob("*.md")} if folder.is_dir() else {}
     stale = sorted(n for n in set(want) | set(have) if want.get(n) != have.get(n))
+    toc_path = root / "_toc.yml"
+    toc = toc_text(root, toc_path.read_text())
+    if toc != toc_path.read_text():
+        stale.append("_toc.yml")
     if args.check:
         if stale:
             print(f"api/ is stale ({', '.join(stale)}): run python tools/api_pages.py", file=sys.stderr)
         return 1 if stale else 0
+    toc_path.write_text(toc)
     folder.mkdir(exist_ok=True)
     for n in set(have) - set(want):
         (folder / n).unlink()
