@@ -355,8 +355,10 @@ def readme_summary(rows: list,  # verdict_rows(...)
                                              for r in decided) + ".")
     else:
         lines.append("Decided: none yet.")
-    lines.append(f"GPU time in the results store: {cost['measured_total']:.1f} GPU-minutes measured, against the "
-                 f"paper's estimate of ≈{cost['paper_hours']:g} GPU-hours.")
+    projected = (f"; the owed quick runs are projected at {cost['projected_total']:.0f} GPU-minutes"
+                 if cost.get("projected_total") is not None else "")
+    lines.append(f"GPU time in the results store: {cost['measured_total']:.1f} GPU-minutes measured{projected}, against "
+                 f"the paper's estimate of ≈{cost['paper_hours']:g} GPU-hours.")
     return lines
 
 
