@@ -138,7 +138,15 @@ def mnist_evidence(records: list,  # the records of 21_mnist's stores at one pro
         return None
     trials = sorted(teachers)[:-1] if len(teachers) > 1 else sorted(teachers)
     largest = max(r["params"]["fraction"] for r in students)
-    top = {r["params"]["teacher"]["trial"]: r for r in students if r["params"]["fraction"] == largest}
+    top = {}
+    for r in students:
+        if r["params"]["fraction"] == largest:
+            trial = r["params"]["teacher"]["trial"]
+            if trial in top:  # e.g. students of another schedule stored beside them: which one is Figure 2's?
+                raise ValueError(f"two Figure 2 students of trial {trial} at lr {lr:g} and the largest set "
+                                 f"({top[trial]['key']}, {r['key']}): mnist_evidence needs one per trial; "
+                                 "select the records of one configuration before calling it")
+            top[trial] = r
     used = [t for t in trials if t in top and not _stalled(100 * top[t]["result"]["test_acc"])]
     if not used:
         return None

@@ -136,6 +136,19 @@ def test_the_verdict_follows_the_deviations_named_in_the_records(records):
     assert {r["key"]: r for r in verdict_rows(REPO, as_paper)}["4.1-agreement"]["verdict"] == "contradicted"
 
 
+def test_two_students_of_one_trial_are_refused_not_mixed(records):
+    from kdbook.findings import mnist_evidence
+    mine = chapter_state(REPO, "21_mnist", records)["records"]
+    if not mine:
+        pytest.skip("no 21_mnist records at its published profile")
+    top = max(r["params"]["fraction"] for r in mine if r["name"] == "mnist_student")
+    twin = copy.deepcopy(next(r for r in mine if r["name"] == "mnist_student" and r["params"]["fraction"] == top
+                              and r["params"]["cfg"]["lr"] == MNIST_STUDENT_LR))
+    twin["key"] = "another-schedule"
+    with pytest.raises(ValueError, match="one per trial"):
+        mnist_evidence(mine + [twin])
+
+
 def test_the_student_learning_rate_is_the_chapters():
     nb = json.loads((REPO / "chapters" / "21_mnist.ipynb").read_text())
     src = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
