@@ -5,7 +5,9 @@
 # %% ../chapters/70_discussion.ipynb #481894a1
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +23,8 @@ STALL_LR = 0.05  # the learning rate of appendix A.3 that 21_mnist also ran, to 
 # %% auto #0
 __all__ = ['VERDICTS', 'PAPER_GPU_HOURS', 'MNIST_STUDENT_LR', 'STALL_LR', 'FINDINGS', 'DISCUSSION_POINTS', 'MEASURES', 'EVIDENCE',
            'README_START', 'README_END', 'Finding', 'record_profile', 'chapter_state', 'judge', 'mean_se',
-           'mnist_evidence', 'stall_counts', 'verdict_rows', 'verdict_markdown', 'verdict_counts', 'beyond_paper',
-           'gpu_seconds', 'cost_summary', 'discussion_support', 'readme_summary', 'update_readme']
+           'mnist_evidence', 'stall_counts', 'chapter_label', 'verdict_rows', 'verdict_markdown', 'verdict_counts',
+           'beyond_paper', 'gpu_seconds', 'cost_summary', 'discussion_support', 'readme_summary', 'update_readme']
 
 # %% ../chapters/70_discussion.ipynb #0cba7b5e
 @dataclass(frozen=True)
@@ -32,20 +34,20 @@ class Finding:
     where: str  # the paper's section / figure, e.g. "§4.1, Fig. 2"
     statement: str  # the paper's words, quoted
     chapters: tuple  # chapter stems holding the evidence; the first is linked
-    figure: str  # the figure or table of that chapter, e.g. "Figure 2"
+    figure: str | tuple  # the figure or table of each chapter (one string: of the first), e.g. "Figure 2"
     measure: str | None = None  # key of MEASURES computing the verdict from the records; None: owed until one exists
 
 
 FINDINGS = [
     Finding("abstract-fidelity", "Abstract, §4", "there often remains a surprisingly large discrepancy between the "
             "predictive distributions of the teacher and the student, even in cases when the student has the capacity "
-            "to perfectly match the teacher", ("23_synthetic", "51_augmentation"), "Figures 1 and 3"),
+            "to perfectly match the teacher", ("23_synthetic", "51_augmentation"), ("Figure 1", "Figure 3")),
     Finding("abstract-generalization", "Abstract, §4.2", "knowledge distillation can improve student generalization",
             ("23_synthetic",), "Figure 1a"),
     Finding("abstract-optimization", "Abstract, §6", "We identify difficulties in optimization as a key reason for why "
-            "the student is unable to match the teacher", ("42_optimization", "61_train_agreement"), "Figures 5 and 6"),
+            "the student is unable to match the teacher", ("42_optimization", "61_train_agreement"), ("Figure 6", "Figure 5")),
     Finding("abstract-data", "Abstract, §5", "more closely matching the teacher paradoxically does not always lead to "
-            "better student generalization", ("51_augmentation", "52_recycling"), "Figures 3 and 4"),
+            "better student generalization", ("51_augmentation", "52_recycling"), ("Figure 3", "Figure 4")),
     Finding("4.1-teacher", "§4.1", "We train the teacher on a random subset of 200 examples from the MNIST training "
             "set for 100 epochs, resulting in a 84% to 86% teacher test accuracy", ("21_mnist",), "Figure 2",
             "mnist_teacher"),
@@ -55,7 +57,7 @@ FINDINGS = [
             "slight difference between the teacher and student accuracy is explained by variance between trials",
             ("21_mnist",), "Figure 2", "mnist_generalization"),
     Finding("4.2", "§4.2, Fig. 1", "the improvement is modest, with the fidelity reaching nowhere near 99% test "
-            "agreement", ("23_synthetic", "22_gan"), "Figure 1"),
+            "agreement", ("23_synthetic", "22_gan"), ("Figure 1", "the SN-GAN")),
     Finding("4.3", "§4.3, App. B.1, Fig. 10", "as we increase the number of ensemble components, the generalization "
             "disparity between teacher and distilled student increases", ("b1_ensemble_size",), "Figure 10"),
     Finding("4.4-capacity", "§4.4, App. C.1, Fig. 12", "increasing the student capacity has very little effect on "
@@ -211,10 +213,23 @@ MEASURES = {"mnist_teacher": _mnist_teacher, "mnist_agreement": _mnist_agreement
 EVIDENCE = {"mnist_teacher": mnist_evidence, "mnist_agreement": mnist_evidence, "mnist_generalization": mnist_evidence}
 
 # %% ../chapters/70_discussion.ipynb #cd1139d1
-def _link(stem: str, state: dict, figure: str) -> str:
+def chapter_label(root, stem: str) -> str:
+    "A chapter's short name from its title: the section it ends with, e.g. '§4.1', or 'A.1'; else the stem."
+    path = Path(root) / "chapters" / f"{stem}.ipynb"
+    try:
+        cells = json.loads(path.read_text()).get("cells", [])
+    except (OSError, ValueError):
+        return stem
+    title = next((l[2:] for c in cells if c.get("cell_type") == "markdown"
+                  for l in "".join(c.get("source", "")).splitlines() if l.startswith("# ")), "")
+    m = re.search(r"\((§[\d.]+|App\. [A-C][\d.]*)\)\s*$", title) or re.match(r"([A-C]\.\d+\w*)\b", title)
+    return m.group(1) if m else stem
+
+
+def _link(root, stem: str, state: dict, figure: str) -> str:
     if not state["exists"]:
         return f"{figure} (no chapter yet: `{stem}`)"
-    return f"{figure} in [{stem}]({stem}.ipynb)"
+    return f"{figure} in [{chapter_label(root, stem)}]({stem}.ipynb)"
 
 
 def verdict_rows(root,  # the book's repository (profiles.yml, chapters/)
@@ -226,8 +241,9 @@ def verdict_rows(root,  # the book's repository (profiles.yml, chapters/)
     for f in findings if findings is not None else FINDINGS:
         states = [chapter_state(root, s, records) for s in f.chapters]
         main = states[0]
+        figures = (f.figure,) if isinstance(f.figure, str) else f.figure
         row = dict(key=f.key, where=f.where, ours=None, statement=f.statement, chapter=main["stem"], exists=main["exists"],
-                   evidence=_link(main["stem"], main, f.figure), profile=main["published"], device="—", n=0)
+                   evidence="; ".join(_link(root, s["stem"], s, fig) for s, fig in zip(states, figures)), profile=main["published"], device="—", n=0)
         owed = [s for s in states if not s["exists"] or s["published"] == "smoke" or not s["records"]]
         if not main["exists"]:
             row.update(verdict="owed", reason="owed, no chapter yet", profile="—")
@@ -282,7 +298,7 @@ def beyond_paper(root,  # the book's repository
                      f"at {at}, the stand-in moves test agreement from {_pm(b)} with MNIST alone "
                      f"({base[0]['result']['n_distill']:,} images) to {_pm(ev['agreement'])} at {ev['n_distill']:,}: "
                      f"{ev['agreement'][0] - b[0]:+.2f} pp, against the rise to over 99% the paper reports with EMNIST",
-                     "[21_mnist](21_mnist.ipynb), Figure 2"))
+                     f"Figure 2 in [{chapter_label(root, '21_mnist')}](21_mnist.ipynb)"))
     else:
         rows.append(("Fashion-MNIST for EMNIST (§4.1)", "owed: 21_mnist has no records above smoke", "21_mnist"))
     counts = stall_counts(mnist["records"]) if at != "smoke" else {}
@@ -291,7 +307,7 @@ def beyond_paper(root,  # the book's repository
         rows.append((f"the learning rate {STALL_LR:g} of appendix A.3 (§4.1)",
                      f"{s} of {n} stored LeNet-5 students at lr {STALL_LR:g} ({at}) stalled below twice chance; "
                      f"at lr {MNIST_STUDENT_LR:g}: {counts.get(MNIST_STUDENT_LR, (0, 0))[0]} of "
-                     f"{counts.get(MNIST_STUDENT_LR, (0, 0))[1]}", "[21_mnist](21_mnist.ipynb)"))
+                     f"{counts.get(MNIST_STUDENT_LR, (0, 0))[1]}", f"[{chapter_label(root, '21_mnist')}](21_mnist.ipynb)"))
     for topic, stem, what in (
             ("CIFAR-10 for SVHN as OOD data (§5.1)", "51_augmentation", "the effect of the less out-of-distribution stand-in on the OOD policy"),
             ("JPEG copies of CIFAR-100 (App. A.1)", "a1_data", "how much the JPEG copy smooths the images (channel statistics), measured in A.1; its effect on accuracy needs the GPU runs"),
@@ -299,7 +315,7 @@ def beyond_paper(root,  # the book's repository
             ("two learning-rate rules in Fig. 6b (§6.2)", "42_optimization", "the paper's text trains the interpolated student 'as before', its code scales the learning rate by (1 − λ); both are run and named")):
         st = chapter_state(root, stem, records)
         status = ("owed: published at smoke" if st["published"] == "smoke" else f"published at {st['published']}") if st["exists"] else "owed, no chapter yet"
-        rows.append((topic, f"{what} ({status})", f"[{stem}]({stem}.ipynb)" if st["exists"] else stem))
+        rows.append((topic, f"{what} ({status})", f"[{chapter_label(root, stem)}]({stem}.ipynb)" if st["exists"] else stem))
     return rows
 
 # %% ../chapters/70_discussion.ipynb #1f8cc1bc
