@@ -135,6 +135,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                  'kdbook.findings._pm': ('discussion.html#_pm', 'kdbook/findings.py'),
                                  'kdbook.findings._stalled': ('discussion.html#_stalled', 'kdbook/findings.py'),
                                  'kdbook.findings.beyond_paper': ('discussion.html#beyond_paper', 'kdbook/findings.py'),
+                                 'kdbook.findings.chapter_label': ('discussion.html#chapter_label', 'kdbook/findings.py'),
                                  'kdbook.findings.chapter_state': ('discussion.html#chapter_state', 'kdbook/findings.py'),
                                  'kdbook.findings.cost_summary': ('discussion.html#cost_summary', 'kdbook/findings.py'),
                                  'kdbook.findings.discussion_support': ('discussion.html#discussion_support', 'kdbook/findings.py'),
