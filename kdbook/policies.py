@@ -21,7 +21,7 @@ from .zoo import THROUGHPUT_BASIS, Recipe, data_tag
 __all__ = ['S51_NAME', 'POLICY_RUNS', 'POOL_POLICIES', 'APPENDED_RATIOS', 'FIG5_POLICIES', 'PROFILE_SIZES',
            'GUARD_TRAIN_AGREEMENT', 'check_policies', 'profile_params', 'PoolSampler', 'policy_options', 'fidelity',
            'summarize', 'owed_rows', 'policy_recipe', 'policy_params', 'distill_students', 'plot_policy_metric',
-           'gpu_minutes', 'student_images']
+           'zoo_teacher_key', 'student_images', 'gpu_plan']
 
 # %% ../chapters/51_augmentation.ipynb #e6e2b53f
 S51_NAME = "s51-student"  # the store's experiment name of this chapter's students (and of the s′ controls)
@@ -258,13 +258,11 @@ def plot_policy_metric(ax,  # matplotlib Axes
     ax.grid(axis="x", alpha=0.3)
 
 # %% ../chapters/51_augmentation.ipynb #86c7a9d9
-def gpu_minutes(teacher_images: int,  # images processed by teacher training (teachers x epochs x train size)
-                student_images: int,  # images processed by distillation (students x epochs x batch images)
-                basis: dict = THROUGHPUT_BASIS,  # images/s: {"teacher_fit", "distill"}
-                ) -> dict:
-    "GPU-minutes from images processed and the planning throughputs."
-    t, s = teacher_images / basis["teacher_fit"] / 60, student_images / basis["distill"] / 60
-    return {"teachers": t, "students": s, "total": t + s}
+def zoo_teacher_key(profile: str, seed: int) -> tuple:
+    "The key naming one zoo teacher's training in a GPU plan (shared by every chapter that uses it)."
+    from kdbook.zoo import ZOO_DATA, teacher_recipe
+    r = teacher_recipe(profile)
+    return ("zoo-teacher", r.arch, f"cifar100-train-{ZOO_DATA[profile]['n_train']}", tuple(sorted(r.to_dict().items())), seed)
 
 
 def student_images(policies: list,  # run names, one group of students each
@@ -272,5 +270,35 @@ def student_images(policies: list,  # run names, one group of students each
                    epochs: int,  # epochs per student
                    n_train: int,  # real distillation images
                    ) -> int:
-    "Images one sweep of students processes (GAN and OOD batches carry 25% more images)."
-    return sum(n_students * epochs * round(n_train * (1 + (APPENDED_RATIO if p in POOL_POLICIES else 0))) for p in policies)
+    "Images one sweep of students processes (GAN batches carry 25% more images, OOD batches 20%)."
+    return sum(n_students * epochs * round(n_train * (1 + APPENDED_RATIOS.get(p, 0.0))) for p in policies)
+
+
+def gpu_plan(profile: str,  # the profile to plan ("quick" or "paper")
+             ) -> list:
+    "This chapter's GPU work at `profile` as kdbook.costs Items, from PROFILE_SIZES and the zoo's recipes."
+    from kdbook.costs import CAPTURE_S, START_S, Item, eval_s, student_s, teacher_fit_s
+    from kdbook.zoo import ZOO_DATA, student_recipe, teacher_recipe
+    ch, p, st, tr = "51_augmentation", profile_params(profile), student_recipe(profile), teacher_recipe(profile)
+    n, n_test = ZOO_DATA[profile]["n_train"], ZOO_DATA[profile]["n_test"]
+    m, trials = p["ensemble_size"], p["n_trials"]
+    k = trials if p["pack_students"] else 1  # students per pack (sharing batches and the teachers' forward)
+    packs = trials // k
+    items = [Item(ch, "chapter start", START_S, basis="kdbook.costs.START_S")]
+    for i in range(2 * m):  # the ensemble and the independent ensemble of the s′ control
+        items.append(Item(ch, f"zoo teacher {i}: {tr.arch}, {tr.epochs} epochs x {n:,}",
+                          teacher_fit_s(tr.epochs * n, tr.arch) + eval_s(n_test, tr.arch) + CAPTURE_S,
+                          key=zoo_teacher_key(profile, i), basis="fit + one fp32 evaluation + capture"))
+    groups = ([(name, m, "student") for name in p["policies"]]
+              + [(name, size, "student") for size in p["other_sizes"] if size != m for name in p["other_policies"]]
+              + [("baseline", m, "s′ control")])
+    for name, size, role in groups:
+        images = student_images([name], 1, st.epochs, n)  # per student
+        seconds = (trials * student_s(images, size, k=k, arch=st.arch)
+                   + packs * (eval_s(n_test + n, st.arch, n_models=size) + CAPTURE_S)  # teachers' logits, capture
+                   + trials * eval_s(n_test + n, st.arch)  # each student on the test and distillation images
+                   + (trials * eval_s(n_test, st.arch, n_models=1 + m) if role != "student" else 0.0))  # controls
+        items.append(Item(ch, f"{role} {POLICY_RUNS[name][2]}, m = {size}: {trials} x {st.epochs} epochs"
+                          + (f", packed by {k}" if k > 1 else ""), seconds,
+                          basis=f"{trials} x student_s({images:,}, m={size}, k={k}) + evaluation"))
+    return items
