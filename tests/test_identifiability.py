@@ -8,8 +8,8 @@ import torch
 
 from kdbook.augment import augment
 from kdbook.data import ImageSet
-from kdbook.policies import (POLICY_RUNS, POOL_POLICIES, S51_NAME, PoolSampler, check_policies, distill_students,
-                             policy_options, policy_params, policy_recipe, student_images)
+from kdbook.policies import (APPENDED_RATIOS, POLICY_RUNS, POOL_POLICIES, S51_NAME, PoolSampler, check_policies,
+                             distill_students, policy_options, policy_params, policy_recipe, student_images)
 from kdbook.recycling import DISTILL_SETS, S52_NAME, check_fraction, recycling_params, recycling_sets, recycling_split
 from kdbook.store import Store
 from kdbook.train import make_model
@@ -105,15 +105,58 @@ def test_ensemble_size_the_zoo_lacks_is_refused():
         zoo_ensemble([("r", "m")] * 3, 5)
 
 
-def test_pool_policies_append_one_image_per_four():
+def test_pool_policies_append_their_share():
+    "GAN: one synthetic image per four real ones (the paper's 1:4); OOD: one per five (10,000 appended to 50,000)."
     pool = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
-    for name in POOL_POLICIES:
-        out = augment(torch.zeros(16, 3, 32, 32), POLICY_RUNS[name][0], torch.Generator().manual_seed(0),
+    for name, appended in (("gan", 5), ("ood", 4)):
+        out = augment(torch.zeros(20, 3, 32, 32), POLICY_RUNS[name][0], torch.Generator().manual_seed(0),
                       **policy_options(name, {name: pool}, "cpu"))
-        assert out.shape == (20, 3, 32, 32)
+        assert out.shape == (20 + appended, 3, 32, 32)
+    assert set(POOL_POLICIES) == set(APPENDED_RATIOS) and APPENDED_RATIOS["ood"] == pytest.approx(10000 / 50000)
     s = PoolSampler(pool)
     assert torch.equal(s(4, torch.Generator().manual_seed(2)), s(4, torch.Generator().manual_seed(2)))
-    assert student_images(["baseline", "ood"], 1, 1, 8) == 8 + 10
+    assert student_images(["baseline", "ood", "gan"], 1, 1, 100) == 100 + 120 + 125
+
+
+@pytest.mark.parametrize("module", ["policies", "recycling"])
+def test_profile_defaults_keep_zero_and_false(module):
+    "A parameter given as 0 or False is used as given; only None takes the profile's value (no `x or default`)."
+    import importlib
+    m = importlib.import_module(f"kdbook.{module}")
+    for profile in ("smoke", "quick", "paper"):
+        default = m.profile_params(profile)
+        assert default == m.profile_params(profile, **{k: None for k in default})
+        assert m.profile_params(profile, n_trials=0)["n_trials"] == 0
+        assert m.profile_params(profile, pack_students=False)["pack_students"] is False
+        assert m.profile_params(profile, pack_students=True)["pack_students"] is True
+    with pytest.raises(ValueError, match="unknown parameter"):
+        m.profile_params("quick", seeed=1)
+    with pytest.raises(ValueError, match="unknown profile"):
+        m.profile_params("fast")
+
+
+def test_policy_and_recycling_plans_follow_their_tables(monkeypatch):
+    "The GPU plans read the chapters' own tables: more trials in the table, more planned seconds."
+    import kdbook.policies as policies
+    import kdbook.recycling as recycling
+    for m in (policies, recycling):
+        base = sum(it.seconds for it in m.gpu_plan("quick"))
+        assert m.gpu_plan("quick")[0].what == "chapter start"
+        monkeypatch.setitem(m.PROFILE_SIZES, "quick", m.PROFILE_SIZES["quick"] | {"n_trials": 4})
+        assert sum(it.seconds for it in m.gpu_plan("quick")) > base
+    zoo_keys = [it.key for it in policies.gpu_plan("quick") if it.key]
+    assert len(zoo_keys) == len(set(zoo_keys)) == 2 * policies.PROFILE_SIZES["quick"]["ensemble_size"]
+
+
+def test_pool_policy_students_pack_on_shared_batches(store_and_teachers):
+    "Two OOD-policy students trained together: one batch stream (the first seed's), both records stored."
+    store, teachers = store_and_teachers
+    data, pool = _set(), torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    params = policy_params("ood", teachers[:1], TINY, data, data, pool={"source": "random", "key": "p", "n": 6})
+    recs = distill_students(store, S51_NAME, params, teachers[:1], data, data, policy_recipe(TINY, "ood"), [1, 2],
+                            policy_options("ood", {"ood": pool}, "cpu"), device="cpu", packed=True)
+    assert [r["result"]["trained"] for r in recs] == ["packed with 2 on the batches of seed 1"] * 2
+    assert recs[0]["result"]["history"]["same_batches"] is True
 
 
 def test_students_stored_and_read_back(store_and_teachers):
