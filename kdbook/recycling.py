@@ -15,9 +15,10 @@ from .zoo import Recipe, data_tag
 S52_NAME = "s52-student"  # the store's experiment name of this chapter's students
 DISTILL_SETS = ("D0", "D1", "D0+D1")  # what the students distil on: s0, s1, s0∪1 of §5.2
 # The chapter's sizes per profile: the chapter runs with these (through profile_params) and gpu_plan plans them.
+# quick splits the zoo's 10,000-image subset (kdbook.zoo.ZOO_DATA) in halves: appendix B's smaller setting.
 PROFILE_SIZES = {
     "smoke": dict(ensemble_sizes=(3,), other_taus=(), n_train=400, n_test=100, n_trials=2, pack_students=True),
-    "quick": dict(ensemble_sizes=(3,), other_taus=(), n_train=50000, n_test=10000, n_trials=2, pack_students=True),
+    "quick": dict(ensemble_sizes=(3,), other_taus=(), n_train=10000, n_test=10000, n_trials=2, pack_students=True),
     "paper": dict(ensemble_sizes=(1, 3, 5), other_taus=(1.0, 2.0), n_train=50000, n_test=10000, n_trials=3,
                   pack_students=False),
 }
