@@ -15,7 +15,7 @@ from .engine import resolve_device
 from .packing import can_pack
 from .train import distill, distill_many, evaluate, predict_logits
 from .viz import mean_std
-from .zoo import THROUGHPUT_BASIS, Recipe, data_tag
+from .zoo import Recipe, data_tag
 
 # %% auto #0
 __all__ = ['S51_NAME', 'POLICY_RUNS', 'POOL_POLICIES', 'APPENDED_RATIOS', 'FIG5_POLICIES', 'PROFILE_SIZES',
