@@ -272,9 +272,9 @@ def student_images(policies: list,  # run names, one group of students each
 def gpu_plan(profile: str,  # the profile to plan ("quick" or "paper")
              ) -> list:
     """This chapter's GPU work at `profile` as kdbook.costs Items, from PROFILE_SIZES and the zoo's recipes. The zoo
-    teachers are keyed work (counted once in the book); the shared Baseline students are planned by §4.2's chapter."""
+    teachers and the Baseline students shared with §4.2 are keyed work, counted once in the book."""
     from kdbook.costs import CAPTURE_S, START_S, Item, eval_s, student_s
-    from kdbook.zoo import ZOO_DATA, student_recipe, zoo_item
+    from kdbook.zoo import ZOO_DATA, baseline_items, student_recipe, zoo_item
     ch, p, st = "51_augmentation", profile_params(profile), student_recipe(profile)
     n, n_test = ZOO_DATA[profile]["n_train"], ZOO_DATA[profile]["n_test"]
     m, trials = p["ensemble_size"], p["n_trials"]
@@ -286,7 +286,7 @@ def gpu_plan(profile: str,  # the profile to plan ("quick" or "paper")
     for name, size, role in groups:
         label = f"{role} {POLICY_RUNS[name][2]}, m = {size}: {trials} x {st.epochs} epochs"
         if name == "baseline" and role == "student" and size in SHARED_BASELINE_SIZES:
-            items.append(Item(ch, label + " (§4.2's +0 students, planned there)", 0.0, basis="kdbook.zoo.gpu_plan"))
+            items += baseline_items(ch, profile, size)  # §4.2's +0 students: the same keyed work
             continue
         images = student_images([name], 1, st.epochs, n)  # per student
         rotate = size == 1  # self-distillation: trial i distils zoo teacher i, alone

@@ -144,8 +144,8 @@ def test_policy_and_recycling_plans_follow_their_tables(monkeypatch):
         assert m.gpu_plan("quick")[0].what == "chapter start"
         monkeypatch.setitem(m.PROFILE_SIZES, "quick", m.PROFILE_SIZES["quick"] | {"n_trials": 4})
         assert sum(it.seconds for it in m.gpu_plan("quick")) > base
-    zoo_keys = [it.key for it in policies.gpu_plan("quick") if it.key]
-    assert len(zoo_keys) == len(set(zoo_keys)) == 2 * policies.PROFILE_SIZES["quick"]["ensemble_size"]
+    shared = [it.key for it in policies.gpu_plan("quick") if it.key]  # zoo teachers + §4.2's Baseline students
+    assert len(shared) == len(set(shared)) == 2 * policies.PROFILE_SIZES["quick"]["ensemble_size"] + 2
 
 
 def test_pool_policy_students_pack_on_shared_batches(store_and_teachers):
