@@ -8,12 +8,12 @@ import torch
 
 from kdbook.augment import augment
 from kdbook.data import ImageSet
-from kdbook.policies import (POLICY_RUNS, POOL_POLICIES, S51_NAME, PoolSampler, check_policies, distill_students,
-                             policy_options, policy_params, policy_recipe, student_images)
+from kdbook.policies import (APPENDED_RATIOS, POLICY_RUNS, POOL_POLICIES, S51_NAME, PoolSampler, check_policies,
+                             distill_students, policy_options, policy_params, policy_recipe, student_images)
 from kdbook.recycling import DISTILL_SETS, S52_NAME, check_fraction, recycling_params, recycling_sets, recycling_split
 from kdbook.store import Store
 from kdbook.train import make_model
-from kdbook.train_agreement import group, policies_key, recycling_key, select, synthetic_key
+from kdbook.train_agreement import CONTEXT_FIELDS, group, policies_key, recycling_key, select, synthetic_key
 from kdbook.zoo import Recipe, check_ensemble_size, zoo_ensemble
 
 TINY = Recipe(arch="resnet20", width=2, epochs=1, batch_size=8, lr=0.05, lr_min=1e-6, amp=False)
@@ -105,15 +105,58 @@ def test_ensemble_size_the_zoo_lacks_is_refused():
         zoo_ensemble([("r", "m")] * 3, 5)
 
 
-def test_pool_policies_append_one_image_per_four():
+def test_pool_policies_append_their_share():
+    "GAN: one synthetic image per four real ones (the paper's 1:4); OOD: one per five (10,000 appended to 50,000)."
     pool = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
-    for name in POOL_POLICIES:
-        out = augment(torch.zeros(16, 3, 32, 32), POLICY_RUNS[name][0], torch.Generator().manual_seed(0),
+    for name, appended in (("gan", 5), ("ood", 4)):
+        out = augment(torch.zeros(20, 3, 32, 32), POLICY_RUNS[name][0], torch.Generator().manual_seed(0),
                       **policy_options(name, {name: pool}, "cpu"))
-        assert out.shape == (20, 3, 32, 32)
+        assert out.shape == (20 + appended, 3, 32, 32)
+    assert set(POOL_POLICIES) == set(APPENDED_RATIOS) and APPENDED_RATIOS["ood"] == pytest.approx(10000 / 50000)
     s = PoolSampler(pool)
     assert torch.equal(s(4, torch.Generator().manual_seed(2)), s(4, torch.Generator().manual_seed(2)))
-    assert student_images(["baseline", "ood"], 1, 1, 8) == 8 + 10
+    assert student_images(["baseline", "ood", "gan"], 1, 1, 100) == 100 + 120 + 125
+
+
+@pytest.mark.parametrize("module", ["policies", "recycling"])
+def test_profile_defaults_keep_zero_and_false(module):
+    "A parameter given as 0 or False is used as given; only None takes the profile's value (no `x or default`)."
+    import importlib
+    m = importlib.import_module(f"kdbook.{module}")
+    for profile in ("smoke", "quick", "paper"):
+        default = m.profile_params(profile)
+        assert default == m.profile_params(profile, **{k: None for k in default})
+        assert m.profile_params(profile, n_trials=0)["n_trials"] == 0
+        assert m.profile_params(profile, pack_students=False)["pack_students"] is False
+        assert m.profile_params(profile, pack_students=True)["pack_students"] is True
+    with pytest.raises(ValueError, match="unknown parameter"):
+        m.profile_params("quick", seeed=1)
+    with pytest.raises(ValueError, match="unknown profile"):
+        m.profile_params("fast")
+
+
+def test_policy_and_recycling_plans_follow_their_tables(monkeypatch):
+    "The GPU plans read the chapters' own tables: more trials in the table, more planned seconds."
+    import kdbook.policies as policies
+    import kdbook.recycling as recycling
+    for m in (policies, recycling):
+        base = sum(it.seconds for it in m.gpu_plan("quick"))
+        assert m.gpu_plan("quick")[0].what == "chapter start"
+        monkeypatch.setitem(m.PROFILE_SIZES, "quick", m.PROFILE_SIZES["quick"] | {"n_trials": 4})
+        assert sum(it.seconds for it in m.gpu_plan("quick")) > base
+    shared = [it.key for it in policies.gpu_plan("quick") if it.key]  # zoo teachers + §4.2's Baseline students
+    assert len(shared) == len(set(shared)) == 2 * policies.PROFILE_SIZES["quick"]["ensemble_size"] + 2
+
+
+def test_pool_policy_students_pack_on_shared_batches(store_and_teachers):
+    "Two OOD-policy students trained together: one batch stream (the first seed's), both records stored."
+    store, teachers = store_and_teachers
+    data, pool = _set(), torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    params = policy_params("ood", teachers[:1], TINY, data, data, pool={"source": "random", "key": "p", "n": 6})
+    recs = distill_students(store, S51_NAME, params, teachers[:1], data, data, policy_recipe(TINY, "ood"), [1, 2],
+                            policy_options("ood", {"ood": pool}, "cpu"), device="cpu", packed=True)
+    assert [r["result"]["trained"] for r in recs] == ["packed with 2 on the batches of seed 1"] * 2
+    assert recs[0]["result"]["history"]["same_batches"] is True
 
 
 def test_students_stored_and_read_back(store_and_teachers):
@@ -154,6 +197,35 @@ def test_train_agreement_keys_and_pending_records():
     assert synthetic_key({"params": {"teachers": ["a"], "synthetic": {"size": 0}, "train": {"n": 10}}}) == (1, 0.0)
     assert select(recs, "quick") == []
 
+
+
+def _fig5_record(seed=0, **change):
+    params = {"teachers": ["t0"], "tau": 4.0, "synthetic": {"source": "sn-gan", "key": "g1", "size": 64},
+              "train": {"n": 128, "fingerprint": "a"}, "test": {"n": 100, "fingerprint": "b"},
+              "recipe": {}, "distill_set": "D0", "split": {"seed": 0, "fraction": 0.5}}
+    params.update(change)
+    return {"meta": {"profile": "quick", "created": str(seed)}, "seed": seed, "params": params,
+            "result": {"train_agreement": 95.0}}
+
+
+@pytest.mark.parametrize("field, change", [
+    ("synthetic source", {"synthetic": {"source": "mixup-standin", "key": "seed 200", "size": 64}}),
+    ("tau", {"tau": 1.0}),
+    ("split", {"split": {"seed": 1, "fraction": 0.5}}),
+    ("training data", {"train": {"n": 128, "fingerprint": "other"}}),
+    ("test data", {"test": {"n": 100, "fingerprint": "other"}})])
+def test_figure5_groups_refuse_records_that_differ_in_one_field(field, change):
+    assert field in CONTEXT_FIELDS
+    for key in (synthetic_key, recycling_key(4.0) if field != "tau" else (lambda r: ("D0", 1))):
+        with pytest.raises(ValueError, match=field):
+            group([_fig5_record(0), _fig5_record(1, **change)], key)
+
+
+def test_figure5_groups_refuse_mixed_teachers_but_accept_rotated_trials():
+    with pytest.raises(ValueError, match="teacher keys"):  # same seed, another teacher: two experiments
+        group([_fig5_record(0), _fig5_record(0, teachers=["t9"])], synthetic_key)
+    values, _ = group([_fig5_record(0), _fig5_record(1, teachers=["t1"])], synthetic_key)  # trial i <- teacher i
+    assert values == {(1, 0.5): [95.0, 95.0]}
 
 class _Stop(Exception):
     pass

@@ -286,3 +286,32 @@ def test_committed_s62_records_pair_with_their_weights_and_teachers():
         if "weights" in r["result"]:
             store.load_weights(r["name"], r["key"], make_model("resnet20", 0, num_classes=100, norm="layer"),
                                r["result"]["weights"]["sha256"])
+
+
+# --- the chapter's sizes: profile defaults and the GPU plan --------------------------------------------------
+
+@pytest.mark.parametrize("profile", ["smoke", "quick", "paper"])
+def test_profile_defaults_keep_zero_and_false(profile):
+    "checkpoint_every = 0 means never, and a 0 seed is a seed: only None takes the profile's value."
+    from kdbook.landscape import PROFILE_SIZES, profile_params
+    assert profile_params(profile, checkpoint_every=0)["checkpoint_every"] == 0
+    assert profile_params(profile, checkpoint_every=None)["checkpoint_every"] == PROFILE_SIZES[profile]["checkpoint_every"] > 0
+    assert profile_params(profile, aug_seed=0)["aug_seed"] == 0
+    assert profile_params(profile, seed=5)["aug_seed"] == 5 + 3000
+    assert profile_params(profile, fig6a_trials=0)["fig6a_trials"] == 0
+    with pytest.raises(ValueError, match="unknown parameter"):
+        profile_params(profile, checkpoint_evry=0)
+
+
+def test_quick_plan_reuses_the_stored_teacher_and_follows_the_table(tmp_path, monkeypatch):
+    "Trial 0's stored 80-epoch teacher costs nothing; in an empty store it is planned; the plan reads PROFILE_SIZES."
+    import kdbook.landscape as landscape
+    plan = landscape.gpu_plan("quick")
+    stored = [it for it in plan if it.what.startswith("teacher of trial")]
+    assert len(stored) == landscape.PROFILE_SIZES["quick"]["n_trials"]
+    assert stored[0].what.endswith("(stored)") and stored[0].seconds == 0  # results/s62-teacher/62ccbfcd450b0676.json
+    empty = landscape.gpu_plan("quick", results_dir=tmp_path)
+    assert all(it.seconds > 0 for it in empty if it.what.startswith("teacher of trial"))
+    base = sum(it.seconds for it in plan)
+    monkeypatch.setitem(landscape.PROFILE_SIZES, "quick", landscape.PROFILE_SIZES["quick"] | {"student_epochs": 16})
+    assert sum(it.seconds for it in landscape.gpu_plan("quick")) > base
