@@ -3,8 +3,11 @@
 # %% ../chapters/a3b_store.ipynb #d4bd6c62
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import numbers
 import os
 import platform
@@ -12,6 +15,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from datetime import datetime, timezone
@@ -22,7 +26,9 @@ META_FIELDS = ("git_rev", "dirty", "versions", "device", "wall_time_s", "created
 RESERVED_NAMES = ("weights", "partial", "benchmarks")  # folders of the store that are not experiments
 MAX_NAME_LEN = 100  # keeps <root>/<name>/<key>.json and <name>-<key>.pt far below the 255-byte file-name limit
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_KEY_RE = re.compile(r"^[0-9a-f]{16}$")  # a store key: 16 lowercase hex digits
 FILE_MODE = 0o644  # records and weights: readable by everyone, writable by the owner (mkstemp makes 0600)
+logger = logging.getLogger("kdbook.store")  # "reused"/"computed" lines at INFO: out of rendered pages by default
 
 
 def canonical_json(obj) -> str:
@@ -83,6 +89,22 @@ def run_key(name: str,  # the experiment's name, e.g. "a3-teacher"
     return hashlib.sha256(canonical_json({"name": name, "params": params, "seed": seed}).encode()).hexdigest()[:16]
 
 
+def numeric_form(obj):
+    """`obj` with every integer-valued float written as an int (4.0 -> 4; bools, strings and other floats as they are).
+
+    Two parameter sets with the same numeric_form are the same run: `-p tau 4` (an int, from papermill's command
+    line) and the default `tau = 4.0`. The key itself hashes the parameters as given, because the committed
+    records hold both forms (integer epochs, float temperatures such as 4.0): the store finds a run by its key,
+    and on a miss by this form (Store.run)."""
+    if isinstance(obj, dict):
+        return {k: numeric_form(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [numeric_form(v) for v in obj]
+    if isinstance(obj, float) and obj.is_integer():
+        return int(obj)
+    return obj
+
+
 def record_checksum(record: dict) -> str:
     "sha256 of the canonical JSON of a record without its checksum field."
     rest = {k: v for k, v in record.items() if k != "checksum"}
@@ -116,12 +138,61 @@ def atomic_write_bytes(path, data: bytes) -> Path:
         raise
     return path
 
+
+_LOCKS: dict = {}  # lock file -> [threading.RLock, depth, fd]: reentrant within a process
+_LOCKS_GUARD = threading.Lock()
+
+
+def _flock(path: Path) -> int:
+    "Open `path` and hold fcntl.flock on it; retry when another holder removed the file while we waited."
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            mine = os.fstat(fd)
+            try:
+                now = os.stat(path)
+            except FileNotFoundError:
+                now = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if now is not None and (now.st_ino, now.st_dev) == (mine.st_ino, mine.st_dev):
+            return fd
+        os.close(fd)  # the file we locked was removed by its previous holder: lock the new one
+
+
+@contextlib.contextmanager
+def file_lock(path):
+    """Hold an exclusive lock named by `path` against other processes (fcntl.flock) and threads; reentrant
+    within one thread. The lock file is removed on release (removed before unlocking, so a waiter retries)."""
+    path = Path(path)
+    with _LOCKS_GUARD:
+        entry = _LOCKS.setdefault(str(path), [threading.RLock(), 0, None])
+    entry[0].acquire()
+    try:
+        if entry[1] == 0:
+            entry[2] = _flock(path)
+        entry[1] += 1
+        try:
+            yield path
+        finally:
+            entry[1] -= 1
+            if entry[1] == 0:
+                fd, entry[2] = entry[2], None
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+                os.close(fd)
+    finally:
+        entry[0].release()
+
 # %% auto #0
-__all__ = ['RECORD_FIELDS', 'META_FIELDS', 'RESERVED_NAMES', 'MAX_NAME_LEN', 'FILE_MODE', 'LEDGER_HEADER', 'OVERVIEW_HEADER',
-           'canonical_json', 'check_name', 'check_seed', 'run_key', 'record_checksum', 'file_sha256',
-           'atomic_write_bytes', 'git_revision', 'package_versions', 'thread_count', 'device_name', 'Store',
-           'save_checkpoint', 'load_checkpoint', 'WeightsError', 'chapter_plan', 'html_table', 'store_overview',
-           'ledger']
+__all__ = ['RECORD_FIELDS', 'META_FIELDS', 'RESERVED_NAMES', 'MAX_NAME_LEN', 'FILE_MODE', 'logger', 'LEDGER_HEADER',
+           'OVERVIEW_HEADER', 'canonical_json', 'check_name', 'check_seed', 'run_key', 'numeric_form',
+           'record_checksum', 'file_sha256', 'atomic_write_bytes', 'file_lock', 'git_revision', 'package_versions',
+           'thread_count', 'device_name', 'Store', 'save_checkpoint', 'load_checkpoint', 'WeightsError', 'chapter_plan',
+           'html_table', 'store_overview', 'ledger']
 
 # %% ../chapters/a3b_store.ipynb #8658dca3
 def git_revision(path,  # a folder inside the repository
@@ -188,7 +259,7 @@ class Store:
 
     def __init__(self, root,  # folder of the records (committed), e.g. "../results"
                  checkpoints_dir=None,  # folder of resumable checkpoints (git-ignored); default <root>/../data/checkpoints
-                 verbose: bool = True,  # print one line per run (reused or computed); False: see summary()
+                 verbose: bool = False,  # print one line per run (reused or computed); default: logged at INFO, see summary()
                  profile: str | None = None,  # the chapter's profile, noted in each new record's meta (for the ledger)
                  ):
         self.root = Path(root)
@@ -206,6 +277,7 @@ class Store:
         return self.root / name / f"{run_key(name, params, seed)}.json"
 
     def _say(self, line: str):
+        logger.info(line)
         if self.verbose:
             print(line, flush=True)
 
@@ -234,30 +306,86 @@ class Store:
     def load(self, name: str, params: dict, seed: int) -> dict | None:
         "The stored record of a run if it exists and is valid; warns about (and ignores) a corrupt one."
         params = _check_json("params", params)
-        key = run_key(name, params, seed)
+        run_key(name, params, seed)
+        key, params = self._home(name, params, check_seed(seed))
         return self._read(self.root / name / f"{key}.json", name, key, params, seed)
 
-    def _read(self, path: Path, name, key, params=None, seed=None) -> dict | None:
+    def _read(self, path: Path, name, key, params=None, seed=None, quiet: bool = False) -> dict | None:
         if not path.exists():
             return None
+        if path.is_dir():
+            raise IsADirectoryError(f"store: {path} is a folder, but the record file of run {name} {key} belongs "
+                                    "there: move or delete that folder, then run again")
         try:
             record = json.loads(path.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            warnings.warn(f"store: corrupt record {path} ({type(err).__name__}: {err}); it will be recomputed")
+            if not quiet:
+                warnings.warn(f"store: corrupt record {path}: the local copy is damaged ({type(err).__name__}: {err}); "
+                              "it will be recomputed (or restore it with git checkout)")
             return None
         problem = self._problem(record, name, key, params, seed)
         if problem is not None:
-            warnings.warn(f"store: corrupt record {path} ({problem}); it will be recomputed")
+            if not quiet:
+                warnings.warn(f"store: corrupt record {path}: the local copy is damaged ({problem}); it will be "
+                              "recomputed (or restore it with git checkout)")
             return None
         return record
+
+    def _equivalent(self, name: str, params: dict, seed: int) -> dict | None:
+        "A valid record of the same run whose parameters differ only in number types (4 against 4.0), or None."
+        folder, want = self.root / name, canonical_json(numeric_form(params))
+        if not folder.is_dir():
+            return None
+        for path in sorted(folder.glob("*.json")):
+            if path.is_dir() or not _KEY_RE.match(path.stem):
+                continue
+            record = self._read(path, name, path.stem, None, seed, quiet=True)
+            if record is not None and canonical_json(numeric_form(record["params"])) == want:
+                return record
+        return None
+
+    def _home(self, name: str, params: dict, seed: int) -> tuple[str, dict]:
+        "(key, params) under which this run lives: its own key, or that of a stored run with numerically equal params."
+        key = run_key(name, params, seed)
+        if (self.root / name / f"{key}.json").exists():
+            return key, params
+        twin = self._equivalent(name, params, seed)
+        return (twin["key"], twin["params"]) if twin is not None else (key, params)
+
+    def lock_path(self, name: str, params: dict, seed: int) -> Path:
+        "The lock file of a run (shared by parameters that differ only in number types): <root>/<name>/.<key>.lock."
+        return self.root / name / f".{run_key(name, numeric_form(params), seed)}.lock"
+
+    @contextlib.contextmanager
+    def _locked(self, name: str, params: dict, seed: int):
+        """Hold the run's lock (yields None), or yield the PermissionError explaining why the store is read-only;
+        a read-only store still serves its valid records."""
+        path = self.lock_path(name, params, seed)
+        try:
+            lock = file_lock(path)
+            lock.__enter__()
+        except OSError as err:
+            yield PermissionError(
+                f"store {self.root} is not writable ({type(err).__name__}: {err}), so run {name} cannot be computed "
+                "or stored there; nothing was computed. Make the folder writable, or use a Store on a writable "
+                "folder (Store(root=...)).")
+            return
+        try:
+            yield None
+        finally:
+            lock.__exit__(None, None, None)
 
     def records(self, name: str | None = None) -> list[dict]:
         "Every valid record of the store (of one experiment `name`); a bad file is reported (warning) and skipped."
         names = [name] if name is not None else sorted(p.name for p in self.root.iterdir() if p.is_dir()
-                                                       and p.name not in RESERVED_NAMES) if self.root.exists() else []
+                                                       and p.name not in RESERVED_NAMES
+                                                       and not p.name.startswith(".")) if self.root.exists() else []
         out = []
         for n in names:
             for path in sorted((self.root / n).glob("*.json")):
+                if path.is_dir():
+                    warnings.warn(f"store: {path} is a folder where a record file belongs; skipped (move or delete it)")
+                    continue
                 record = self._read(path, n, path.stem)
                 if record is not None:
                     out.append(record)
@@ -266,11 +394,16 @@ class Store:
     @staticmethod
     def depends_of(records) -> dict:
         "{'<name>/<key>': checksum} of the records a run was computed from."
+        if isinstance(records, (str, bytes, dict)) or not hasattr(records, "__iter__"):
+            what = "a single record" if isinstance(records, dict) else f"a {type(records).__name__} ({records!r:.60})"
+            raise ValueError(f"depends= must be a list of store records (the dicts Store.run returns), got {what}; "
+                             "pass depends=[teacher_record] (a list, even for one record)")
         out = {}
         for r in records:
             if not isinstance(r, dict) or not all(f in r for f in ("name", "key", "checksum")):
-                raise ValueError("depends must be store records (dicts with name, key and checksum), "
-                                 f"got {type(r).__name__}")
+                raise ValueError("depends= must be a list of store records (dicts with name, key and checksum, as "
+                                 f"Store.run returns), got an item of type {type(r).__name__} ({r!r:.60}); pass the "
+                                 "records themselves, not their keys or names")
             out[f"{r['name']}/{r['key']}"] = r["checksum"]
         return out
 
@@ -305,35 +438,49 @@ class Store:
             depends=(),  # records this run was computed from (e.g. its teacher's): a stored record from others is stale
             ) -> dict:
         "The record of a run: stored if valid (and computed from `depends`), else computed by fn() and stored atomically."
+        return self._run(name, params, lambda key: fn(), seed, force, depends)
+
+    def _run(self, name, params, make, seed, force=False, depends=()) -> dict:
+        "Store.run with make(key) -> result (the key the record will have): compute-or-reuse under the run's lock."
         params = _check_json("params", params)
-        key = run_key(name, params, seed)
+        run_key(name, params, seed)
         seed = check_seed(seed)
-        sources, depends = list(depends), self.depends_of(depends)
-        path = self.root / name / f"{key}.json"
-        if not force:
-            record = self.load(name, params, seed)
-            if record is not None and depends:
-                record = self._check_depends(record, depends, path, sources)
-            if record is not None:
-                self._count(name, "reused")
-                self._say(f"store: reused {name} {key}")
-                return record
-        t0 = time.perf_counter()
-        result = fn()
-        wall = time.perf_counter() - t0
-        if not isinstance(result, dict):
-            raise ValueError(f"fn() must return a dict of results, got {type(result).__name__}")
-        result = _check_json("result", result)
-        rev, dirty = git_revision(self.root, ignore_inside=True) if self.root.exists() else git_revision(Path.cwd())
-        meta = {"git_rev": rev, "dirty": dirty, "versions": package_versions(), "device": device_name(),
-                "threads": thread_count(), "wall_time_s": wall, "created": datetime.now(timezone.utc).isoformat()}
-        if depends:
-            meta["depends"] = depends
-        if self.profile is not None:
-            meta["profile"] = self.profile
-        record = {"name": name, "key": key, "params": params, "seed": seed, "result": result, "meta": meta}
-        record["checksum"] = record_checksum(record)
-        self._write(path, record)
+        if not callable(make):
+            raise ValueError(f"fn must be a function returning the result dict, got {type(make).__name__}")
+        deps = self.depends_of(depends)  # checks `depends` first: a clear error before anything else
+        sources, depends = list(depends), deps
+        with self._locked(name, params, seed) as readonly:
+            key, params = self._home(name, params, seed)
+            path = self.root / name / f"{key}.json"
+            if path.is_dir():
+                raise IsADirectoryError(f"store: {path} is a folder, but the record file of run {name} {key} belongs "
+                                        "there: move or delete that folder, then run again")
+            if not force:
+                record = self._read(path, name, key, params, seed)
+                if record is not None and depends:
+                    record = self._check_depends(record, depends, path, sources)
+                if record is not None:
+                    self._count(name, "reused")
+                    self._say(f"store: reused {name} {key}")
+                    return record
+            if readonly is not None:
+                raise readonly
+            t0 = time.perf_counter()
+            result = make(key)
+            wall = time.perf_counter() - t0
+            if not isinstance(result, dict):
+                raise ValueError(f"fn() must return a dict of results, got {type(result).__name__}")
+            result = _check_json("result", result)
+            rev, dirty = git_revision(self.root, ignore_inside=True) if self.root.exists() else git_revision(Path.cwd())
+            meta = {"git_rev": rev, "dirty": dirty, "versions": package_versions(), "device": device_name(),
+                    "threads": thread_count(), "wall_time_s": wall, "created": datetime.now(timezone.utc).isoformat()}
+            if depends:
+                meta["depends"] = depends
+            if self.profile is not None:
+                meta["profile"] = self.profile
+            record = {"name": name, "key": key, "params": params, "seed": seed, "result": result, "meta": meta}
+            record["checksum"] = record_checksum(record)
+            self._write(path, record)
         self._count(name, "computed")
         self._count(name, "seconds", wall)
         self._say(f"store: computed {name} {key} in {wall:.1f}s")
@@ -401,9 +548,6 @@ def load_checkpoint(path,  # a .safetensors file written by save_checkpoint
 # %% ../chapters/a3b_store.ipynb #0c4f3a9e
 from fastcore.basics import patch
 
-_KEY_RE = re.compile(r"^[0-9a-f]{16}$")
-
-
 class WeightsError(Exception):
     "A stored weight file is missing, corrupt, or not the one its record names."
 
@@ -455,11 +599,11 @@ def load_weights(self: Store, name: str,  # the experiment's name
         raise WeightsError(f"no stored weights at {path}: {remedy}")
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != sha256:
-        raise WeightsError(f"stored weights {path} do not match the checksum of their record (corrupt or replaced): {remedy}")
+        raise WeightsError(f"stored weights {path} do not match the checksum of their record (the local copy is damaged or was replaced): {remedy}")
     try:
         state = load(data)
     except (SafetensorError, ValueError, RuntimeError) as err:
-        raise WeightsError(f"stored weights {path} cannot be read ({err}): {remedy}") from None
+        raise WeightsError(f"stored weights {path} cannot be read (the local copy is damaged: {err}): {remedy}") from None
     mine = model.state_dict()
     if set(state) != set(mine):
         raise WeightsError(f"stored weights {path} are for another model (tensors differ: "
@@ -482,10 +626,23 @@ def run_model(self: Store, name: str,  # the experiment's name
               force: bool = False,  # retrain even when a valid record exists
               ) -> tuple:
     "(record, model) of a training run: its weights are stored (float16) with the record and always loaded from there."
-    key = run_key(name, params, seed)
+    params = _check_json("params", params)
+    run_key(name, params, seed)
     trained = {}
 
-    def fn():
+    def make(key):
+        folder = self.weights_path(name, key).parent
+        if self.weights_path(name, key).is_dir():
+            raise IsADirectoryError(f"store: {self.weights_path(name, key)} is a folder, but the weights of run {name} "
+                                    f"{key} belong there: move or delete that folder, then run again")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            writable = os.access(folder, os.W_OK)
+        except OSError:
+            writable = False
+        if not writable:
+            raise PermissionError(f"store: the weights folder {folder} is not writable, so run {name} cannot store its "
+                                  "weights; nothing was trained. Make it writable or use a Store on a writable folder.")
         model = build()
         result = train(model)
         if not isinstance(result, dict) or "weights" in result:
@@ -493,21 +650,25 @@ def run_model(self: Store, name: str,  # the experiment's name
         trained["model"] = model
         return {**result, "weights": self.save_weights(name, key, model)}
 
-    record = self.run(name, params, fn, seed, force=force, depends=depends)
-    if "model" in trained:  # computed now: use the stored 16-bit weights too, so a re-run is identical
-        return record, self.load_weights(name, key, trained["model"], record["result"]["weights"]["sha256"])
-    if not need_model:
-        return record, None
-    try:
-        weights = record["result"].get("weights")
-        if not isinstance(weights, dict) or "sha256" not in weights:
-            raise WeightsError(f"the record {self.root / name / (key + '.json')} names no stored weights")
-        return record, self.load_weights(name, key, build(), weights["sha256"])
-    except WeightsError as err:
-        warnings.warn(f"store: {err}; retraining {name} {key} (records computed from it will be recomputed)")
-        self._count(name, "reused", -1)
-        record = self.run(name, params, fn, seed, force=True, depends=depends)
-        return record, self.load_weights(name, key, trained["model"], record["result"]["weights"]["sha256"])
+    # one lock around compute-or-reuse and the weights: another process never pairs this record with its weights
+    with self._locked(name, params, seed):
+        record = self._run(name, params, make, seed, force=force, depends=depends)
+        key = record["key"]
+        if "model" in trained:  # computed now: use the stored 16-bit weights too, so a re-run is identical
+            return record, self.load_weights(name, key, trained["model"], record["result"]["weights"]["sha256"])
+        if not need_model:
+            return record, None
+        try:
+            weights = record["result"].get("weights")
+            if not isinstance(weights, dict) or "sha256" not in weights:
+                raise WeightsError(f"the record {self.root / name / (key + '.json')} names no stored weights")
+            return record, self.load_weights(name, key, build(), weights["sha256"])
+        except WeightsError as err:
+            warnings.warn(f"store: {err}; retraining {name} {key} (records computed from it will be recomputed)")
+            self._count(name, "reused", -1)
+            record = self._run(name, params, make, seed, force=True, depends=depends)
+            return record, self.load_weights(name, record["key"], trained["model"], record["result"]["weights"]["sha256"])
+
 
 # %% ../chapters/a3b_store.ipynb #e4a1d2c3
 def chapter_plan(root,  # the book's repository (holds profiles.yml)
