@@ -11,7 +11,9 @@ import json
 import math
 import numbers
 import os
+import signal
 import tempfile
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -26,9 +28,10 @@ from .augment import POLICIES, augment
 from .data import to_float
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'TrainConfig', 'cosine_lr', 'resolve_device', 'batch_starts', 'autocast', 'FunctionalOptimizer',
-           'ce_terms', 'kd_terms', 'Step', 'GraphedStep', 'LoopStack', 'Stream', 'next_batch', 'data_fingerprint',
-           'param_shapes', 'save_checkpoint', 'load_checkpoint', 'seed_global_rng', 'rng_state', 'set_rng_state', 'Run',
+__all__ = ['OPTIMIZERS', 'GROWTH_LIMIT', 'LOSS_FLOOR', 'DEADLINE_MARGIN_S', 'TrainConfig', 'cosine_lr', 'resolve_device',
+           'batch_starts', 'autocast', 'FunctionalOptimizer', 'ce_terms', 'kd_terms', 'Step', 'GraphedStep',
+           'LoopStack', 'Stream', 'next_batch', 'data_fingerprint', 'param_shapes', 'save_train_state',
+           'load_train_state', 'seed_global_rng', 'rng_state', 'set_rng_state', 'Run', 'TrainingStopped', 'deadline',
            'train_loop', 'benchmark_rows', 'plot_throughput']
 
 # %% ../chapters/a3c_engine.ipynb #c3e0d006
@@ -420,7 +423,7 @@ def param_shapes(models) -> list:
     return [[[n, list(t.shape)] for n, t in m.state_dict().items()] for m in models]
 
 
-def save_checkpoint(path, state: dict):
+def save_train_state(path, state: dict):
     "Write `state` atomically (unique temp file in the same folder, then rename), with a sha256 of the payload."
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -443,8 +446,8 @@ def save_checkpoint(path, state: dict):
         raise
 
 
-def load_checkpoint(path) -> dict:
-    "Read a checkpoint written by save_checkpoint; a damaged or foreign file is a ValueError naming it."
+def load_train_state(path) -> dict:
+    "Read a checkpoint written by save_train_state; a damaged or foreign file is a ValueError naming it."
     remedy = f"delete {path} to restart the run from scratch"
     try:
         wrapper = torch.load(path, map_location="cpu", weights_only=True)
@@ -506,27 +509,107 @@ class Run:
     fingerprint: str = ""
     callback: object = None
     augment_kw: dict = None
+    epoch_estimate_s: float = None  # the caller's estimate of one epoch's seconds (deadline checks before the first)
+
+
+# A run whose epoch-mean loss exceeds GROWTH_LIMIT times its first epoch's has diverged even while finite. At
+# initialisation a CE-type loss is about ln C (2.3 for 10 classes, 4.6 for 100), times tau^2 for the KD term (up to
+# 64 * 4.6 at tau = 8), and a run that learns stays below its first epoch's mean up to noise of a few per cent; a
+# thousandfold growth is no noise but a run blowing up (it turns into inf/nan a few steps later, after wasting the
+# rest of the epoch). LOSS_FLOOR keeps a run that starts already trained (first loss ~0.001, e.g. a student
+# initialised from its teacher) from tripping on an ordinary loss of 1 to 10: the limit is never below 100.
+GROWTH_LIMIT, LOSS_FLOOR = 1e3, 0.1
+
+
+def _diverged_message(run: Run, what: str, epoch: int, steps: str, lr: float) -> str:
+    cause = (f"the learning rate (lr={run.cfg.lr}, now {lr:.3g}) is too high for this model and batch size"
+             if run.teacher is None or 0.05 <= run.tau <= 100 else
+             f"the temperature tau={run.tau:g} is extreme (logits / tau and tau^2 leave the float range), or the "
+             f"learning rate (lr={run.cfg.lr}, now {lr:.3g}) is too high")
+    return (f"{run.name}: {what} in epoch {epoch} (steps {steps}); the run diverged, most likely because {cause}. "
+            "Nothing was returned or stored; lower TrainConfig.lr (or choose another tau) and run again.")
 
 
 def _check_finite(run: Run, values: dict, epoch: int, steps: str, lr: float):
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
-        raise FloatingPointError(
-            f"{run.name}: {', '.join(f'{k} = {v}' for k, v in bad.items())} in epoch {epoch} (steps {steps}); the run "
-            f"diverged, most likely because the learning rate (lr={run.cfg.lr}, now {lr:.3g}) is too high for this "
-            "model and batch size. Nothing was returned or stored; lower TrainConfig.lr and run again.")
+        raise FloatingPointError(_diverged_message(run, ", ".join(f"{k} = {v}" for k, v in bad.items()), epoch, steps, lr))
 
 
-def _checkpoint_state(run, opt, streams, epoch, step):
+def _check_growth(run: Run, first: list, loss: list, epoch: int, steps: str, lr: float):
+    "FloatingPointError when a model's epoch-mean loss grew past GROWTH_LIMIT x its first epoch's (floor LOSS_FLOOR)."
+    for i, (a, b) in enumerate(zip(first, loss)):
+        if b > GROWTH_LIMIT * max(a, LOSS_FLOOR):
+            raise FloatingPointError(_diverged_message(
+                run, f"train_loss = {b:.4g}{f' (model {i})' if run.k > 1 else ''}, over {GROWTH_LIMIT:g} x the first "
+                f"epoch's {a:.4g}", epoch, steps, lr))
+
+
+def _check_weights(run: Run, epoch: int, steps: str, lr: float):
+    "Non-finite weights (the last steps blew up after the loss was summed) stop the run before evaluation."
+    params = list(run.model.named_parameters())
+    if not params or torch.stack([torch.isfinite(p).all() for _, p in params]).all():  # one device sync
+        return
+    bad = [n for n, p in params if not torch.isfinite(p).all()]
+    if bad:
+        raise FloatingPointError(_diverged_message(run, f"non-finite weights ({', '.join(bad[:3])})", epoch, steps, lr))
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """A run stopped on purpose before its end (SIGTERM, or the KDBOOK_DEADLINE would pass): its checkpoint, when
+    it has one, holds the work done so far and the same call resumes from it. A KeyboardInterrupt, so that no
+    `except Exception` mistakes it for a result, and nothing is stored."""
+
+    def __init__(self, message: str, checkpoint=None, reason: str = ""):
+        super().__init__(message)
+        self.checkpoint, self.reason = checkpoint, reason
+
+
+DEADLINE_MARGIN_S = 2.0  # seconds kept free before KDBOOK_DEADLINE for the checkpoint write and the exit
+
+
+def deadline() -> float | None:
+    "The unix time in env KDBOOK_DEADLINE (set by the GPU queue), or None; a clear error when it is not a number."
+    value = os.environ.get("KDBOOK_DEADLINE", "").strip()
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"KDBOOK_DEADLINE must be a unix time in seconds (e.g. 1767225600), got {value!r}") from None
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm(flag: dict):
+    "While a run is in progress, SIGTERM only sets flag['signal']; the loop checkpoints and stops at its next step."
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: flag.__setitem__("signal", signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _checkpoint_state(run, opt, step, streams, epoch, step_count, pos=None, first_loss=None):
+    "Everything a resume needs; `pos` not None: stopped inside epoch `epoch` after `pos` batches (orders and sums saved)."
     run.copy_back()
-    return {"models": [m.state_dict() for m in run.models], "optimizer": opt.state_dict(),
-            "rng": rng_state(streams, run.device), "epoch": epoch, "step": step,
-            "histories": json.dumps(run.histories), "config": json.dumps(run.cfg.to_dict()),
-            "seeds": list(run.seeds), "fingerprint": run.fingerprint, "param_shapes": json.dumps(param_shapes(run.models))}
+    state = {"models": [m.state_dict() for m in run.models], "model": run.model.state_dict(),
+             "optimizer": opt.state_dict(), "rng": rng_state(streams, run.device), "epoch": epoch, "step": step_count,
+             "histories": json.dumps(run.histories), "config": json.dumps(run.cfg.to_dict()),
+             "seeds": list(run.seeds), "fingerprint": run.fingerprint, "param_shapes": json.dumps(param_shapes(run.models)),
+             "k": run.k, "pos": pos if pos is not None else 0, "in_epoch": pos is not None,
+             "first_loss": json.dumps(first_loss)}
+    if pos is not None:
+        state["orders"] = [s.order.cpu() for s in streams]
+        state["sums"] = [t.detach().cpu().clone() for t in (step.loss_sum, step.kd_sum, step.agree_sum, step.seen)]
+    return state
 
 
-def _resume(run, opt, streams):
-    state = load_checkpoint(run.checkpoint)
+def _resume(run, opt, step, streams):
+    state = load_train_state(run.checkpoint)
     path = run.checkpoint
     saved, mine = json.loads(state["config"]), run.cfg.to_dict()
     differ = sorted(k for k in mine if k not in ("progress", "device") and saved.get(k) != mine[k])
@@ -534,20 +617,47 @@ def _resume(run, opt, streams):
         raise ValueError(f"checkpoint {path} was written with different settings ({', '.join(differ)}); "
                          "delete it or pass another checkpoint path")
     for what, a, b in [("seeds", list(state["seeds"]), list(run.seeds)), ("data", state["fingerprint"], run.fingerprint),
-                       ("parameter shapes", json.loads(state["param_shapes"]), param_shapes(run.models))]:
+                       ("parameter shapes", json.loads(state["param_shapes"]), param_shapes(run.models)),
+                       ("number of models", int(state.get("k", 1)), run.k)]:
         if a != b:
             raise ValueError(f"checkpoint {path} belongs to another run (its {what} differ from this run's); "
                              "delete it or pass another checkpoint path")
     with torch.no_grad():
         for m, sd in zip(run.models, state["models"]):
             m.load_state_dict(sd)  # copies in place: the parameters keep their addresses
+        if "model" in state:
+            run.model.load_state_dict(state["model"])  # a packed network holds its own copy of the weights
     opt.load_state_dict(state["optimizer"])
     set_rng_state(state["rng"], streams, run.device)
-    return int(state["epoch"]), int(state["step"]), json.loads(state["histories"])
+    pos = int(state.get("pos", 0)) if state.get("in_epoch") else None
+    if pos is not None:
+        for s, order in zip(streams, state["orders"]):
+            s.order = order.to(run.device)
+        for t, saved_sum in zip((step.loss_sum, step.kd_sum, step.agree_sum, step.seen), state["sums"]):
+            t.copy_(saved_sum)
+    first_loss = json.loads(state.get("first_loss", "null"))
+    return int(state["epoch"]), int(state["step"]), json.loads(state["histories"]), pos, first_loss
+
+
+def _stop(run, why, save):
+    "Checkpoint (when the run has a path) and raise TrainingStopped naming why and what was kept."
+    if run.checkpoint is not None:
+        save()
+        kept = f"its checkpoint {run.checkpoint} holds the work so far: the same call resumes from it"
+    else:
+        kept = "it has no checkpoint path, so its work is lost: pass checkpoint=... to keep it next time"
+    raise TrainingStopped(f"{run.name}: stopped ({why}); {kept}. Nothing was returned or stored.",
+                          run.checkpoint, why)
 
 
 def train_loop(run: Run) -> list:
     "The epoch loop shared by fit, distill, fit_many and distill_many; returns k histories."
+    flag = {}
+    with _stop_on_sigterm(flag):
+        return _train_loop(run, flag)
+
+
+def _train_loop(run: Run, flag: dict) -> list:
     cfg, device = run.cfg, run.device
     use_cl = cfg.channels_last and device.type == "cuda" and run.images.dim() == 4
     opt = FunctionalOptimizer(run.model.parameters(), cfg)
@@ -559,41 +669,73 @@ def train_loop(run: Run) -> list:
     n = len(run.labels)
     starts = batch_starts(n, cfg.batch_size)
     total_steps = cfg.epochs * len(starts)
-    epoch, step_count = 0, 0
+    epoch, step_count, pos, first_loss = 0, 0, None, None  # pos: batches done of a resumed epoch in progress
     for h in run.histories:
         h.update({key: [] for key in ("epoch", "step", "lr", "train_loss", "wall_time_s")})
-    if run.checkpoint is not None and run.packed:
-        raise ValueError(f"{run.name}: checkpoints are supported for one model at a time (fit, distill), not packed runs")
     if run.checkpoint is not None and Path(run.checkpoint).exists():
-        epoch, step_count, run.histories[:] = _resume(run, opt, streams)
+        epoch, step_count, run.histories[:], pos, first_loss = _resume(run, opt, step, streams)
+    end = deadline()
+    if end is not None:
+        left = end - time.time()
+        need = DEADLINE_MARGIN_S + (run.epoch_estimate_s or 0.0) / max(len(starts), 1)
+        if left < need:  # not even one step (and the checkpoint) would fit
+            raise TrainingStopped(f"{run.name}: not started: KDBOOK_DEADLINE leaves {left:.1f} s, less than the "
+                                  f"{need:.1f} s one step and its checkpoint need. Nothing was trained or stored.",
+                                  run.checkpoint, "deadline")
+        if run.checkpoint is None and run.epoch_estimate_s and left < run.epoch_estimate_s * (cfg.epochs - epoch):
+            raise TrainingStopped(f"{run.name}: not started: it needs about {run.epoch_estimate_s * (cfg.epochs - epoch):.0f} s "
+                                  f"but KDBOOK_DEADLINE leaves {left:.0f} s, and without a checkpoint path its work "
+                                  "would be lost; pass checkpoint=... or run it when more time is left.",
+                                  None, "deadline")
     t0 = time.perf_counter() - (run.histories[0]["wall_time_s"][-1] if run.histories[0]["wall_time_s"] else 0.0)
     stacked = run.packed and not run.shared_input
     bar = tqdm(range(epoch, cfg.epochs), initial=epoch, total=cfg.epochs, disable=not cfg.progress,
                desc=f"epochs ({run.k} models)" if run.k > 1 else "epochs")
+    step_s = (run.epoch_estimate_s / max(len(starts), 1)) if run.epoch_estimate_s else None  # seconds per step
     for epoch in bar:
         run.model.train()
-        step.reset()
-        for s in streams:
-            s.new_epoch(n, device)
-        first = step_count
-        for start in starts:
-            x, y = next_batch(streams, run.images, run.labels, start, cfg, run.augment_kw, use_cl, stacked)
+        if pos is None:
+            step.reset()
+            for s in streams:
+                s.new_epoch(n, device)
+            pos = 0
+        first = step_count - pos
+        t_epoch = time.perf_counter()
+        for i in range(pos, len(starts)):
+            why = None
+            if flag.get("signal"):
+                why = f"signal {flag['signal']} (SIGTERM) received"
+            elif end is not None and time.time() + 2 * (step_s or 0.0) + DEADLINE_MARGIN_S > end:
+                why = "KDBOOK_DEADLINE is near: another step would not fit"
+            if why is not None:
+                state_now = (epoch, step_count, i)
+                _stop(run, why, lambda: save_train_state(run.checkpoint, _checkpoint_state(
+                    run, opt, step, streams, state_now[0], state_now[1], state_now[2], first_loss)))
+            x, y = next_batch(streams, run.images, run.labels, starts[i], cfg, run.augment_kw, use_cl, stacked)
             opt.lr.fill_(cosine_lr(step_count, total_steps, cfg.lr, cfg.lr_min))
             runner(x, y)
             step_count += 1
+            if end is not None and i - pos + 1 >= 2:  # the measured rate of this epoch so far
+                step_s = (time.perf_counter() - t_epoch) / (i - pos + 1)
+        pos = None
         done = epoch + 1
         lr_now = cosine_lr(step_count, total_steps, cfg.lr, cfg.lr_min)
         loss = (step.loss_sum / max(len(starts), 1)).tolist()
         kd = (step.kd_sum / step.seen.clamp(min=1)).tolist()
         agree = (step.agree_sum / step.seen.clamp(min=1)).tolist()
+        steps = f"{first}-{step_count - 1}"
         for i in range(run.k):
             _check_finite(run, {"train_loss": loss[i]} | ({"train_kd_loss": kd[i]} if run.teacher is not None else {}),
-                          done, f"{first}-{step_count - 1}", lr_now)
+                          done, steps, lr_now)
+        if first_loss is None:
+            first_loss = loss
+        _check_growth(run, first_loss, loss, done, steps, lr_now)
+        _check_weights(run, done, steps, lr_now)
         if done % cfg.eval_every == 0 or done == cfg.epochs:
             run.copy_back()
             for i, h in enumerate(run.histories):
                 scores = run.evaluate(i)
-                _check_finite(run, scores, done, f"{first}-{step_count - 1}", lr_now)
+                _check_finite(run, scores, done, steps, lr_now)
                 extra = {"train_agreement": agree[i], "train_kd_loss": kd[i]} if run.teacher is not None else {}
                 for key, value in {"epoch": done, "step": step_count, "lr": lr_now, "train_loss": loss[i],
                                    "wall_time_s": time.perf_counter() - t0, **extra, **scores}.items():
@@ -601,9 +743,14 @@ def train_loop(run: Run) -> list:
                 h["graphed"] = runner.graphed
             bar.set_postfix(loss=f"{loss[0]:.3f}")
         if run.checkpoint is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.epochs):
-            save_checkpoint(run.checkpoint, _checkpoint_state(run, opt, streams, done, step_count))
+            save_train_state(run.checkpoint, _checkpoint_state(run, opt, step, streams, done, step_count, None, first_loss))
         if run.callback is not None:
             run.callback(done, run.histories[0] if run.k == 1 else run.histories)
+        if done < cfg.epochs and end is not None and run.checkpoint is None and step_s is not None:
+            need = step_s * len(starts) * (cfg.epochs - done)
+            if time.time() + need + DEADLINE_MARGIN_S > end:  # projected from the measured rate: it cannot finish
+                _stop(run, f"KDBOOK_DEADLINE: the {cfg.epochs - done} epochs left need about {need:.0f} s, more "
+                           "than the time left", lambda: None)
     run.copy_back()
     for m in run.models:
         m.eval()
@@ -611,6 +758,7 @@ def train_loop(run: Run) -> list:
         for h in run.histories:
             h["graph_error"] = runner.error
     return run.histories
+
 
 # %% ../chapters/a3c_engine.ipynb #c3e0d029
 def benchmark_rows(record: dict) -> list:

@@ -26,9 +26,9 @@ from .packing import can_pack, pack
 _all_ = ["OPTIMIZERS", "TrainConfig", "batch_starts", "cosine_lr", "resolve_device"]  # re-exported from kdbook.engine
 
 # %% auto #0
-__all__ = ['PROFILES', 'PACKINGS', 'by_profile', 'make_optimizer', 'make_model', 'Ensemble', 'predict_logits', 'evaluate',
-           'ce_loss', 'kd_step_loss', 'train_epoch', 'fit', 'distill', 'fit_many', 'distill_many', 'OPTIMIZERS',
-           'TrainConfig', 'batch_starts', 'cosine_lr', 'resolve_device']
+__all__ = ['PROFILES', 'MIN_TAU', 'PACKINGS', 'by_profile', 'make_optimizer', 'make_model', 'Ensemble', 'predict_logits',
+           'evaluate', 'ce_loss', 'kd_step_loss', 'train_epoch', 'fit', 'distill', 'fit_many', 'distill_many',
+           'OPTIMIZERS', 'TrainConfig', 'batch_starts', 'cosine_lr', 'resolve_device']
 
 # %% ../chapters/a3_training.ipynb #56402b24
 PROFILES = ("smoke", "quick", "paper")
@@ -246,6 +246,121 @@ def _check_images(name, data):
         raise ValueError(f"{name} is empty")
 
 
+MIN_TAU = 1e-4  # below this, logits / tau and tau^2 leave float32's range: every KD loss would be inf or nan
+
+
+def _check_train_tau(tau) -> float:
+    tau = check_tau(tau)
+    if tau < MIN_TAU:
+        raise ValueError(f"tau={tau:g} is too small to train with: logits / tau overflow and tau^2 underflows float32 "
+                         f"(the KD loss would be nan, not a learning-rate problem); use tau >= {MIN_TAU:g}")
+    return tau
+
+
+def _shared_params(a: nn.Module, b: nn.Module) -> list:
+    "Names (in `a`) of the parameters `a` and `b` share (the same tensor object or storage)."
+    def ids(m):
+        return {(id(p) if p.numel() == 0 else p.untyped_storage().data_ptr()): n for n, p in m.named_parameters()}
+    mine = ids(a)
+    return sorted(mine[k] for k in set(mine) & set(ids(b)))
+
+
+def _check_distinct(what: str, models: list):
+    "Refuse the same module twice, or two modules sharing parameters: each would train the other's weights."
+    for i, m in enumerate(models):
+        if not isinstance(m, nn.Module):
+            raise ValueError(f"{what}[{i}] must be an nn.Module, got {type(m).__name__}")
+    for j in range(len(models)):
+        for i in range(j):
+            if models[i] is models[j]:
+                raise ValueError(f"{what}[{i}] and {what}[{j}] are the same module: pass k distinct models "
+                                 "(e.g. make_model(name, seed=s) for each seed, or copy.deepcopy)")
+            shared = _shared_params(models[i], models[j])
+            if shared:
+                raise ValueError(f"{what}[{i}] and {what}[{j}] share parameters ({', '.join(shared[:3])}): each run "
+                                 "would update the other's weights; pass independent copies (copy.deepcopy)")
+
+
+def _check_not_teacher(student: nn.Module, teacher: nn.Module, what: str = "student"):
+    if student is teacher or any(student is m for m in teacher.modules()):
+        raise ValueError(f"the {what} is also the teacher: distilling a model into itself would train the teacher "
+                         "too; pass a separate student (e.g. make_model(name, seed=s)) or copy.deepcopy(teacher)")
+    shared = _shared_params(student, teacher)
+    if shared:
+        raise ValueError(f"the {what} shares parameters with the teacher ({', '.join(shared[:3])}): training it would "
+                         "change the teacher; pass copy.deepcopy of the shared model")
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _check_batch(what: str, model: nn.Module, data, cfg: TrainConfig):
+    if _has_batchnorm(model) and (len(data) < 2 or cfg.batch_size < 2):
+        raise ValueError(f"{what} has {len(data)} example(s) and batch_size is {cfg.batch_size}: a model with "
+                         "BatchNorm needs at least 2 examples per batch; use more data or TrainConfig(batch_size >= 2)")
+
+
+@torch.no_grad()
+def _classes(model: nn.Module, images: torch.Tensor, who: str, data_name: str, device) -> int:
+    "The number of classes `model` outputs, probed in eval mode on two examples; a clear error when it cannot run."
+    x = _as_float_images(images[:2], device)
+    was = model.training
+    model.eval()
+    try:
+        z = model(x)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"the {who} ({type(model).__name__}) cannot take {data_name} images of shape "
+                         f"{tuple(images.shape[1:])} ({type(err).__name__}: {first}); build the model for this data "
+                         "(input channels and size) or pass the data it was built for") from None
+    finally:
+        model.train(was)
+    if z.dim() != 2 or z.shape[0] != x.shape[0]:
+        raise ValueError(f"the {who} must return (batch, classes) logits, got shape {tuple(z.shape)}")
+    return int(z.shape[1])
+
+
+def _check_labels(data_name: str, labels: torch.Tensor, classes: int, who: str):
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= classes:
+        raise ValueError(f"{data_name} labels run from {lo} to {hi}, but the {who} outputs {classes} classes (labels "
+                         f"0 to {classes - 1}): build the model with num_classes={max(hi + 1, classes)} or pass "
+                         "data with matching labels")
+
+
+def _check_shapes(a_name, a, b_name, b):
+    if tuple(a.images.shape[1:]) != tuple(b.images.shape[1:]):
+        raise ValueError(f"{b_name} images {tuple(b.images.shape[1:])} differ in shape from {a_name} images "
+                         f"{tuple(a.images.shape[1:])}")
+
+
+def _check_fit_inputs(models: list, train, test, cfg, device, what: str):
+    "Before any training: the models can take the images, and every label names one of their classes."
+    _check_shapes("train", train, "test", test)
+    for m in models:
+        _check_batch("train", m, train, cfg)
+    classes = _classes(models[0], train.images, what, "train", device)
+    _check_labels("train", train.labels, classes, what)
+    _check_labels("test", test.labels, classes, what)
+
+
+def _check_distill_inputs(students: list, teacher: nn.Module, distill_data, test, cfg, alpha, device, what: str):
+    "Before any training: student and teacher take the images and agree on the classes; labels are in range."
+    _check_shapes("distill_data", distill_data, "test", test)
+    for s in students:
+        _check_not_teacher(s, teacher, what)
+        _check_batch("distill_data", s, distill_data, cfg)
+    classes = _classes(students[0], distill_data.images, what, "distill_data", device)
+    teacher_classes = _classes(teacher, distill_data.images, "teacher", "distill_data", device)
+    if teacher_classes != classes:
+        raise ValueError(f"the teacher outputs {teacher_classes} classes but the {what} outputs {classes}: build the "
+                         f"{what} with num_classes={teacher_classes}")
+    _check_labels("test", test.labels, classes, what)
+    if alpha > 0:
+        _check_labels("distill_data", distill_data.labels, classes, what)
+
+
 def _check_seed(seed):
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
@@ -275,7 +390,9 @@ def fit(model: nn.Module,  # the network to train (its initial weights are the c
     _check_images("test", test)
     _check_seed(seed)
     device = resolve_device(cfg.device)
+    _check_distinct("model", [model])
     model = _prepare_model(model, device, cfg)
+    _check_fit_inputs([model], train, test, cfg, device, "model")
     test_images, test_labels = test.images.to(device), test.labels.cpu()
 
     def evaluate_fn(i):
@@ -334,12 +451,13 @@ def distill(student: nn.Module,  # the network to train
     _check_images("distill_data", distill_data)
     _check_images("test", test)
     _check_seed(seed)
-    tau, alpha = check_tau(tau), check_alpha(alpha)
+    tau, alpha = _check_train_tau(tau), check_alpha(alpha)
     if alpha > 0 and extra_data is not None:
         raise ValueError("alpha > 0 needs true labels for every example, but extra_data is unlabelled: use alpha=0")
     device = resolve_device(cfg.device)
     student = _prepare_model(student, device, cfg)
     teacher = _prepare_model(teachers if isinstance(teachers, Ensemble) else Ensemble(teachers), device, cfg)
+    _check_distill_inputs([student], teacher, distill_data, test, cfg, alpha, device, "student")
     images, labels = _distill_inputs(distill_data, extra_data, device)
     first, score = _distill_eval(teacher, images, len(distill_data), test, cfg, device)
     return _run(f"distillation of a {type(student).__name__} (seed {seed}, tau {tau}, alpha {alpha})", student,
@@ -375,14 +493,18 @@ def fit_many(models: list,  # k models of one architecture
              seeds: list,  # one seed per model (data order and augmentation, as fit's seed)
              augment_kw: dict | None = None,
              packing: str = "loop",  # "loop": members one after another in one step; "grouped": kdbook.packing
+             checkpoint: str | Path | None = None,  # resumable checkpoint file of the whole pack (as fit's)
+             callback=None,  # called as callback(epoch, histories) after every epoch
              ) -> list:
     "fit for k models at once (packed as one network, one step); the caller's modules get the weights; k histories."
     _check_images("train", train)
     _check_images("test", test)
     _check_seeds(seeds, len(models))
+    _check_distinct("models", list(models))
     device = resolve_device(cfg.device)
     models = [_prepare_model(m, device, cfg) for m in models]
     packed = _pack(models, shared_input=False, packing=packing).to(device)
+    _check_fit_inputs(models, train, test, cfg, device, "model")
     test_images, test_labels = test.images.to(device), test.labels.cpu()
 
     def evaluate_fn(i):
@@ -392,7 +514,7 @@ def fit_many(models: list,  # k models of one architecture
     return _run(f"fit_many of {len(models)} x {type(models[0]).__name__} (seeds {list(seeds)})", packed, models,
                 train.images.to(device), train.labels.to(device), cfg, seeds, device, k=len(models), packed=True,
                 evaluate=evaluate_fn, copy_back=lambda: packed.copy_to(models), histories=[{} for _ in models],
-                augment_kw=augment_kw)
+                augment_kw=augment_kw, checkpoint=checkpoint, callback=callback)
 
 
 def distill_many(students: list,  # k students of one architecture
@@ -403,6 +525,8 @@ def distill_many(students: list,  # k students of one architecture
                  augment_kw: dict | None = None,
                  same_batches: bool = False,  # all students see the batches of seeds[0]: one teacher call labels all
                  packing: str = "loop",  # "loop": students one after another in one step; "grouped": kdbook.packing
+                 checkpoint: str | Path | None = None,  # resumable checkpoint file of the whole pack (as distill's)
+                 callback=None,  # called as callback(epoch, histories) after every epoch
                  ) -> list:
     "distill for k students at once (packed as one network, one step); k histories."
     _check_images("distill_data", distill_data)
@@ -410,11 +534,13 @@ def distill_many(students: list,  # k students of one architecture
     _check_seeds(seeds, len(students))
     if not isinstance(same_batches, bool):
         raise ValueError(f"same_batches must be True or False, got {same_batches!r}")
-    tau, alpha = check_tau(tau), check_alpha(alpha)
+    tau, alpha = _check_train_tau(tau), check_alpha(alpha)
+    _check_distinct("students", list(students))
     device = resolve_device(cfg.device)
     students = [_prepare_model(m, device, cfg) for m in students]
     packed = _pack(students, shared_input=same_batches, packing=packing).to(device)
     teacher = _prepare_model(teachers if isinstance(teachers, Ensemble) else Ensemble(teachers), device, cfg)
+    _check_distill_inputs(students, teacher, distill_data, test, cfg, alpha, device, "student")
     images, labels = distill_data.images.to(device), distill_data.labels.to(device)
     first, score = _distill_eval(teacher, images, len(distill_data), test, cfg, device)
     first["same_batches"] = same_batches
@@ -422,4 +548,5 @@ def distill_many(students: list,  # k students of one architecture
                 f"alpha {alpha})", packed, students, images, labels, cfg, seeds, device, k=len(students), packed=True,
                 shared_input=same_batches, teacher=teacher, tau=tau, alpha=alpha,
                 evaluate=lambda i: score(students[i]), copy_back=lambda: packed.copy_to(students),
-                histories=[copy.deepcopy(first) for _ in students], augment_kw=augment_kw)
+                histories=[copy.deepcopy(first) for _ in students], augment_kw=augment_kw, checkpoint=checkpoint,
+                callback=callback)
