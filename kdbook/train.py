@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
 from pathlib import Path
 
@@ -26,9 +27,10 @@ from .packing import can_pack, pack
 _all_ = ["OPTIMIZERS", "TrainConfig", "batch_starts", "cosine_lr", "resolve_device"]  # re-exported from kdbook.engine
 
 # %% auto #0
-__all__ = ['PROFILES', 'MIN_TAU', 'PACKINGS', 'by_profile', 'make_optimizer', 'make_model', 'Ensemble', 'predict_logits',
-           'evaluate', 'ce_loss', 'kd_step_loss', 'train_epoch', 'fit', 'distill', 'fit_many', 'distill_many',
-           'OPTIMIZERS', 'TrainConfig', 'batch_starts', 'cosine_lr', 'resolve_device']
+__all__ = ['PROFILES', 'MIN_TAU', 'TEACHER_CACHE_SIZE', 'PACKINGS', 'by_profile', 'make_optimizer', 'make_model', 'Ensemble',
+           'predict_logits', 'evaluate', 'ce_loss', 'kd_step_loss', 'train_epoch', 'fit', 'weights_sha', 'images_sha',
+           'teacher_logits', 'distill', 'fit_many', 'distill_many', 'OPTIMIZERS', 'TrainConfig', 'batch_starts',
+           'cosine_lr', 'resolve_device']
 
 # %% ../chapters/a3_training.ipynb #56402b24
 PROFILES = ("smoke", "quick", "paper")
@@ -302,13 +304,14 @@ def _check_batch(what: str, model: nn.Module, data, cfg: TrainConfig):
 
 
 @torch.no_grad()
-def _classes(model: nn.Module, images: torch.Tensor, who: str, data_name: str, device) -> int:
-    "The number of classes `model` outputs, probed in eval mode on two examples; a clear error when it cannot run."
+def _classes(model: nn.Module, images: torch.Tensor, who: str, data_name: str, device, cached: bool = False) -> int:
+    """The number of classes `model` outputs, probed in eval mode on two examples; a clear error when it cannot run.
+    `cached`: through teacher_logits (a teacher is probed once per process, like its evaluation logits)."""
     x = _as_float_images(images[:2], device)
     was = model.training
     model.eval()
     try:
-        z = model(x)
+        z = teacher_logits(model, images[:2], 2, device) if cached else model(x)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         first = (str(err).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"the {who} ({type(model).__name__}) cannot take {data_name} images of shape "
@@ -352,7 +355,7 @@ def _check_distill_inputs(students: list, teacher: nn.Module, distill_data, test
         _check_not_teacher(s, teacher, what)
         _check_batch("distill_data", s, distill_data, cfg)
     classes = _classes(students[0], distill_data.images, what, "distill_data", device)
-    teacher_classes = _classes(teacher, distill_data.images, "teacher", "distill_data", device)
+    teacher_classes = _classes(teacher, distill_data.images, "teacher", "distill_data", device, cached=True)
     if teacher_classes != classes:
         raise ValueError(f"the teacher outputs {teacher_classes} classes but the {what} outputs {classes}: build the "
                          f"{what} with num_classes={teacher_classes}")
@@ -416,11 +419,55 @@ def _distill_inputs(distill_data, extra_data, device):
     return images, labels
 
 
+TEACHER_CACHE_SIZE = 8  # (teacher, images) pairs whose fp32 logits are kept in memory (3 per distillation run)
+_teacher_logits: dict = {}  # (weights sha, images sha, batch size, device) -> CPU logits, oldest first
+
+
+def weights_sha(model: nn.Module) -> str:
+    "sha256 over a model's class, state-dict names, shapes, dtypes and bytes: the identity of a teacher's weights."
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+_image_shas: dict = {}  # (device, address, shape, stride, version) -> sha256: a tensor is hashed once while unchanged
+
+
+def images_sha(images: torch.Tensor) -> str:
+    "sha256 of every byte of an image tensor (with its shape and dtype), remembered while the tensor is unchanged."
+    memo = (str(images.device), images.data_ptr(), tuple(images.shape), images.stride(), images._version)
+    if memo not in _image_shas:
+        if len(_image_shas) > 64:
+            _image_shas.clear()
+        x = images.detach().cpu().contiguous()
+        h = hashlib.sha256(f"{tuple(x.shape)}{x.dtype}".encode())
+        h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+        _image_shas[memo] = h.hexdigest()
+    return _image_shas[memo]
+
+
+def teacher_logits(teacher: nn.Module, images: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+    """predict_logits of a teacher, computed once per process for these weights and images (fp32, eval mode):
+    every student distilled from one teacher is scored against the same logits without a new teacher forward."""
+    key = (weights_sha(teacher), images_sha(images), batch_size, str(device))
+    if key in _teacher_logits:
+        _teacher_logits[key] = _teacher_logits.pop(key)  # most recently used last
+        return _teacher_logits[key]
+    z = predict_logits(teacher, images, batch_size, device)
+    _teacher_logits[key] = z
+    while len(_teacher_logits) > TEACHER_CACHE_SIZE:
+        _teacher_logits.pop(next(iter(_teacher_logits)))
+    return z
+
+
 def _distill_eval(teacher, images, n_distill, test, cfg, device):
     "Teacher scores and a function scoring a student on the test set and the clean distillation images."
     test_images, test_labels = test.images.to(device), test.labels.cpu()
-    teacher_test = predict_logits(teacher, test_images, cfg.eval_batch_size, device)
-    teacher_train = predict_logits(teacher, images[:n_distill], cfg.eval_batch_size, device)
+    teacher_test = teacher_logits(teacher, test_images, cfg.eval_batch_size, device)
+    teacher_train = teacher_logits(teacher, images[:n_distill], cfg.eval_batch_size, device)
     first = {f"teacher_test_{k}": [v] for k, v in evaluate(teacher_test, labels=test_labels).items()}
 
     def score(m):
