@@ -134,6 +134,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                'kdbook.engine.save_train_state': ('a3c_engine.html#save_train_state', 'kdbook/engine.py'),
                                'kdbook.engine.seed_global_rng': ('a3c_engine.html#seed_global_rng', 'kdbook/engine.py'),
                                'kdbook.engine.set_rng_state': ('a3c_engine.html#set_rng_state', 'kdbook/engine.py'),
+                               'kdbook.engine.trace_steps': ('a3c_engine.html#trace_steps', 'kdbook/engine.py'),
                                'kdbook.engine.train_loop': ('a3c_engine.html#train_loop', 'kdbook/engine.py')},
             'kdbook.gan': { 'kdbook.gan.Discriminator': ('gan.html#discriminator', 'kdbook/gan.py'),
                             'kdbook.gan.Discriminator.__init__': ('gan.html#discriminator.__init__', 'kdbook/gan.py'),

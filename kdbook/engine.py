@@ -34,7 +34,7 @@ __all__ = ['OPTIMIZERS', 'GROWTH_LIMIT', 'LOSS_FLOOR', 'DEADLINE_MARGIN_S', 'Tra
            'batch_starts', 'autocast', 'FunctionalOptimizer', 'ce_terms', 'kd_terms', 'Step', 'GraphedStep',
            'LoopStack', 'Stream', 'next_batch', 'data_fingerprint', 'param_shapes', 'save_train_state',
            'load_train_state', 'seed_global_rng', 'rng_state', 'set_rng_state', 'Run', 'TrainingStopped', 'deadline',
-           'train_loop', 'benchmark_rows', 'plot_throughput']
+           'trace_steps', 'train_loop', 'benchmark_rows', 'plot_throughput']
 
 # %% ../chapters/a3c_engine.ipynb #c3e0d006
 OPTIMIZERS = ("sgd", "adam")
@@ -243,11 +243,18 @@ class Step:
                  tau: float = 4.0, alpha: float = 0.0,
                  packed: bool = False,  # the model takes and returns a leading k axis
                  shared_input: bool = False,  # x is one (B, ...) batch for all k models
-                 amp: bool = False, device=torch.device("cpu")):
+                 amp: bool = False, device=torch.device("cpu"),
+                 trace: int = 0,  # > 0: record the loss and learning rate of up to this many steps (see trace_steps)
+                 ):
         self.model, self.opt, self.k, self.teacher = model, opt, k, teacher
         self.tau, self.alpha, self.packed, self.shared, self.amp, self.device = tau, alpha, packed, shared_input, amp, device
         zeros = lambda: torch.zeros(k, device=device)
         self.loss_sum, self.kd_sum, self.agree_sum, self.seen = zeros(), zeros(), zeros(), zeros()
+        self.trace = trace
+        if trace:  # device buffers written at a device index: graph-safe, so replays record what they really used
+            self.trace_loss = torch.zeros(trace, k, device=device)
+            self.trace_lr = torch.zeros(trace, device=device)
+            self.trace_i = torch.zeros(1, dtype=torch.long, device=device)
 
     def reset(self):
         for t in (self.loss_sum, self.kd_sum, self.agree_sum, self.seen):
@@ -284,6 +291,10 @@ class Step:
         losses.sum().backward()
         self.opt.step()
         with torch.no_grad():
+            if self.trace:
+                self.trace_loss.index_copy_(0, self.trace_i, losses.detach().float().view(1, -1))
+                self.trace_lr.index_copy_(0, self.trace_i, self.opt.lr.detach().float().view(1))
+                self.trace_i.add_(1)
             self.loss_sum.add_(losses.detach())
             self.kd_sum.add_(kd.detach() * z.shape[1])
             self.agree_sum.add_(agree)
@@ -652,6 +663,21 @@ def _stop(run, why, save):
                           run.checkpoint, why)
 
 
+_TRACE = {"on": False}
+
+
+@contextlib.contextmanager
+def trace_steps():
+    """Within this block every run records each step's loss (per model) and learning rate as the step itself saw
+    them, inside CUDA-graph replays too, in its histories as `step_loss` and `step_lr` (a check, not for results)."""
+    before = _TRACE["on"]
+    _TRACE["on"] = True
+    try:
+        yield
+    finally:
+        _TRACE["on"] = before
+
+
 def train_loop(run: Run) -> list:
     "The epoch loop shared by fit, distill, fit_many and distill_many; returns k histories."
     flag = {}
@@ -663,14 +689,14 @@ def _train_loop(run: Run, flag: dict) -> list:
     cfg, device = run.cfg, run.device
     use_cl = cfg.channels_last and device.type == "cuda" and run.images.dim() == 4
     opt = FunctionalOptimizer(run.model.parameters(), cfg)
-    step = Step(run.model, opt, run.k, run.teacher, run.tau, run.alpha, run.packed, run.shared_input,
-                cfg.amp, device)
-    runner = GraphedStep(step, cfg.cuda_graphs)
-    seed_global_rng(run.seeds[0], device)
-    streams = [Stream(s, device) for s in (run.seeds[:1] if run.shared_input or not run.packed else run.seeds)]
     n = len(run.labels)
     starts = batch_starts(n, cfg.batch_size)
     total_steps = cfg.epochs * len(starts)
+    step = Step(run.model, opt, run.k, run.teacher, run.tau, run.alpha, run.packed, run.shared_input,
+                cfg.amp, device, trace=total_steps if _TRACE["on"] else 0)
+    runner = GraphedStep(step, cfg.cuda_graphs)
+    seed_global_rng(run.seeds[0], device)
+    streams = [Stream(s, device) for s in (run.seeds[:1] if run.shared_input or not run.packed else run.seeds)]
     epoch, step_count, pos, first_loss = 0, 0, None, None  # pos: batches done of a resumed epoch in progress
     for h in run.histories:
         h.update({key: [] for key in ("epoch", "step", "lr", "train_loss", "wall_time_s")})
@@ -679,7 +705,7 @@ def _train_loop(run: Run, flag: dict) -> list:
     end = deadline()
     if end is not None:
         left = end - time.time()
-        need = DEADLINE_MARGIN_S + (run.epoch_estimate_s or 0.0) / max(len(starts), 1)
+        need = DEADLINE_MARGIN_S + (run.epoch_estimate_s if run.epoch_estimate_s is not None else 0.0) / max(len(starts), 1)
         if left < need:  # not even one step (and the checkpoint) would fit
             raise TrainingStopped(f"{run.name}: not started: KDBOOK_DEADLINE leaves {left:.1f} s, less than the "
                                   f"{need:.1f} s one step and its checkpoint need. Nothing was trained or stored.",
@@ -759,6 +785,11 @@ def _train_loop(run: Run, flag: dict) -> list:
     if runner.error is not None:
         for h in run.histories:
             h["graph_error"] = runner.error
+    if step.trace:
+        done_steps = int(step.trace_i.item())
+        for i, h in enumerate(run.histories):
+            h["step_loss"] = step.trace_loss[:done_steps, i].tolist()
+            h["step_lr"] = step.trace_lr[:done_steps].tolist()
     return run.histories
 
 

@@ -345,3 +345,60 @@ def test_deadline_stops_cleanly_and_resumes(tmp_path, monkeypatch):
     resumed = _Tiny(0)
     fit(resumed, train, train, c, seed=1, checkpoint=ckpt)
     assert _same(straight, resumed)
+
+
+# --- the functional step equals an eager torch.optim loop, step by step (the CPU half of the CUDA-graph check) ------
+
+def learnable(n, seed, classes=4):
+    "Random 1x28x28 images labelled by which quadrant is brightest: a task a LeNet-5 learns in a few steps."
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 1, 28, 28), generator=g, dtype=torch.uint8)
+    quads = images.float().view(n, 2, 14, 2, 14).mean((2, 4)).flatten(1)
+    return ImageSet(images, quads.argmax(1), [str(i) for i in range(classes)], "synthetic", "brightest quadrant")
+
+
+def eager_reference(model, data, c, seed):
+    "fit's arithmetic written out with torch.optim: the engine's data streams, cosine lr, one CE step per batch."
+    import torch.nn.functional as F
+    from kdbook.engine import Stream, batch_starts, cosine_lr, next_batch, seed_global_rng
+    from kdbook.train import make_optimizer
+    opt = make_optimizer(model.parameters(), c)
+    seed_global_rng(seed, torch.device("cpu"))
+    stream, starts = Stream(seed, torch.device("cpu")), batch_starts(len(data), c.batch_size)
+    total, losses, lrs = c.epochs * len(starts), [], []
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        for epoch in range(c.epochs):
+            stream.new_epoch(len(data), torch.device("cpu"))
+            for start in starts:
+                x, y = next_batch([stream], data.images, data.labels, start, c, None, False, False)
+                lr = cosine_lr(len(lrs), total, c.lr, c.lr_min)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                loss = F.cross_entropy(model(x).float(), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                lrs.append(lr)
+    return losses, lrs
+
+
+@pytest.mark.parametrize("optimizer,kw", [("sgd", dict(lr=0.05, momentum=0.9, weight_decay=5e-4)),
+                                          ("adam", dict(lr=2e-3, weight_decay=1e-4))])
+def test_functional_steps_equal_eager_torch_optim(optimizer, kw):
+    from kdbook.engine import trace_steps
+    data = learnable(72, 0)  # 4 batches of 16 and a partial one of 8 per epoch
+    c = cfg(epochs=3, batch_size=16, optimizer=optimizer, lr_min=1e-4, policy="baseline", **kw)
+    model = make_model("lenet5", seed=0, num_classes=4)
+    reference = copy.deepcopy(model)
+    with trace_steps():
+        h = fit(model, data, data, c, seed=5)
+    ref_losses, ref_lrs = eager_reference(reference, data, c, seed=5)
+    assert len(h["step_loss"]) == len(ref_losses) == 15
+    torch.testing.assert_close(torch.tensor(h["step_loss"]), torch.tensor(ref_losses), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch.tensor(h["step_lr"]), torch.tensor(ref_lrs), rtol=1e-6, atol=0)
+    for (n, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+    assert sum(ref_losses[-5:]) < sum(ref_losses[:5]), "the task is learnable: the loss falls"
+    assert "step_loss" not in fit(copy.deepcopy(reference), data, data, cfg(epochs=1), seed=5), "traces only on demand"
