@@ -30,9 +30,9 @@ from .augment import POLICIES, augment
 from .data import to_float
 
 # %% auto #0
-__all__ = ['OPTIMIZERS', 'GROWTH_LIMIT', 'LOSS_FLOOR', 'DEADLINE_MARGIN_S', 'TrainConfig', 'cosine_lr', 'resolve_device',
-           'batch_starts', 'autocast', 'FunctionalOptimizer', 'ce_terms', 'kd_terms', 'Step', 'GraphedStep',
-           'LoopStack', 'Stream', 'next_batch', 'data_fingerprint', 'param_shapes', 'save_train_state',
+__all__ = ['OPTIMIZERS', 'GROWTH_LIMIT', 'LOSS_FLOOR', 'DEADLINE_MARGIN_S', 'RUN_LOG', 'TrainConfig', 'cosine_lr',
+           'resolve_device', 'batch_starts', 'autocast', 'FunctionalOptimizer', 'ce_terms', 'kd_terms', 'Step',
+           'GraphedStep', 'LoopStack', 'Stream', 'next_batch', 'data_fingerprint', 'param_shapes', 'save_train_state',
            'load_train_state', 'seed_global_rng', 'rng_state', 'set_rng_state', 'Run', 'TrainingStopped', 'deadline',
            'trace_steps', 'train_loop', 'benchmark_rows', 'plot_throughput']
 
@@ -664,6 +664,7 @@ def _stop(run, why, save):
 
 
 _TRACE = {"on": False}
+RUN_LOG = {"graphed": 0, "eager": 0}  # finished runs of this process, by how their steps ran (read by the store's meta)
 
 
 @contextlib.contextmanager
@@ -785,6 +786,7 @@ def _train_loop(run: Run, flag: dict) -> list:
     if runner.error is not None:
         for h in run.histories:
             h["graph_error"] = runner.error
+    RUN_LOG["graphed" if runner.graphed else "eager"] += 1
     if step.trace:
         done_steps = int(step.trace_i.item())
         for i, h in enumerate(run.histories):

@@ -467,9 +467,13 @@ class Store:
                     return record
             if readonly is not None:
                 raise readonly
+            engine = sys.modules.get("kdbook.engine")  # counts its runs by CUDA graph or eager (not part of the key)
+            before = dict(engine.RUN_LOG) if engine is not None else {}
             t0 = time.perf_counter()
             result = make(key)
             wall = time.perf_counter() - t0
+            engine = sys.modules.get("kdbook.engine")
+            steps_ran = {k: v - before.get(k, 0) for k, v in engine.RUN_LOG.items()} if engine is not None else {}
             if not isinstance(result, dict):
                 raise ValueError(f"fn() must return a dict of results, got {type(result).__name__}")
             result = _check_json("result", result)
@@ -478,6 +482,8 @@ class Store:
                     "threads": thread_count(), "wall_time_s": wall, "created": datetime.now(timezone.utc).isoformat()}
             if depends:
                 meta["depends"] = depends
+            if any(steps_ran.values()):  # how the training inside fn() ran: {"graphed": runs, "eager": runs}
+                meta["cuda_graphs"] = steps_ran
             if self.profile is not None:
                 meta["profile"] = self.profile
             record = {"name": name, "key": key, "params": params, "seed": seed, "result": result, "meta": meta}

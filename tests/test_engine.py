@@ -402,3 +402,12 @@ def test_functional_steps_equal_eager_torch_optim(optimizer, kw):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
     assert sum(ref_losses[-5:]) < sum(ref_losses[:5]), "the task is learnable: the loss falls"
     assert "step_loss" not in fit(copy.deepcopy(reference), data, data, cfg(epochs=1), seed=5), "traces only on demand"
+
+
+def test_store_meta_tells_graphed_from_eager(tmp_path):
+    from kdbook.store import Store
+    train = data(16, 0, shape=(1, 8, 8))
+    store = Store(tmp_path)
+    rec = store.run("t", {"e": 1}, lambda: {"loss": fit(_Tiny(0), train, train, cfg(epochs=1), seed=0)["train_loss"]}, 0)
+    assert rec["meta"]["cuda_graphs"] == {"graphed": 0, "eager": 1}  # a CPU run never captures a graph
+    assert "cuda_graphs" not in store.run("u", {"e": 1}, lambda: {"x": 1}, 0)["meta"]  # no training, no entry
