@@ -305,94 +305,6 @@ class Store:
             return "params do not match"
         return None
 
-    def load(self, name: str, params: dict, seed: int) -> dict | None:
-        "The stored record of a run if it exists and is valid; warns about (and ignores) a corrupt one."
-        params = _check_json("params", params)
-        run_key(name, params, seed)
-        key, params = self._home(name, params, check_seed(seed))
-        return self._read(self.root / name / f"{key}.json", name, key, params, seed)
-
-    def _read(self, path: Path, name, key, params=None, seed=None, quiet: bool = False) -> dict | None:
-        if not path.exists():
-            return None
-        if path.is_dir():
-            raise IsADirectoryError(f"store: {path} is a folder, but the record file of run {name} {key} belongs "
-                                    "there: move or delete that folder, then run again")
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            if not quiet:
-                warnings.warn(f"store: corrupt record {path}: the local copy is damaged ({type(err).__name__}: {err}); "
-                              "it will be recomputed (or restore it with git checkout)")
-            return None
-        problem = self._problem(record, name, key, params, seed)
-        if problem is not None:
-            if not quiet:
-                warnings.warn(f"store: corrupt record {path}: the local copy is damaged ({problem}); it will be "
-                              "recomputed (or restore it with git checkout)")
-            return None
-        return record
-
-    def _equivalent(self, name: str, params: dict, seed: int) -> dict | None:
-        "A valid record of the same run whose parameters differ only in number types (4 against 4.0), or None."
-        folder, want = self.root / name, canonical_json(numeric_form(params))
-        if not folder.is_dir():
-            return None
-        for path in sorted(folder.glob("*.json")):
-            if path.is_dir() or not _KEY_RE.match(path.stem):
-                continue
-            record = self._read(path, name, path.stem, None, seed, quiet=True)
-            if record is not None and canonical_json(numeric_form(record["params"])) == want:
-                return record
-        return None
-
-    def _home(self, name: str, params: dict, seed: int) -> tuple[str, dict]:
-        "(key, params) under which this run lives: its own key, or that of a stored run with numerically equal params."
-        key = run_key(name, params, seed)
-        if (self.root / name / f"{key}.json").exists():
-            return key, params
-        twin = self._equivalent(name, params, seed)
-        return (twin["key"], twin["params"]) if twin is not None else (key, params)
-
-    def lock_path(self, name: str, params: dict, seed: int) -> Path:
-        "The lock file of a run (shared by parameters that differ only in number types): <root>/<name>/.<key>.lock."
-        return self.root / name / f".{run_key(name, numeric_form(params), seed)}.lock"
-
-    @contextlib.contextmanager
-    def _locked(self, name: str, params: dict, seed: int):
-        """Hold the run's lock (yields None), or yield the PermissionError explaining why the store is read-only;
-        a read-only store still serves its valid records."""
-        path = self.lock_path(name, params, seed)
-        try:
-            lock = file_lock(path)
-            lock.__enter__()
-        except OSError as err:
-            yield PermissionError(
-                f"store {self.root} is not writable ({type(err).__name__}: {err}), so run {name} cannot be computed "
-                "or stored there; nothing was computed. Make the folder writable, or use a Store on a writable "
-                "folder (Store(root=...)).")
-            return
-        try:
-            yield None
-        finally:
-            lock.__exit__(None, None, None)
-
-    def records(self, name: str | None = None) -> list[dict]:
-        "Every valid record of the store (of one experiment `name`); a bad file is reported (warning) and skipped."
-        names = [name] if name is not None else sorted(p.name for p in self.root.iterdir() if p.is_dir()
-                                                       and p.name not in RESERVED_NAMES
-                                                       and not p.name.startswith(".")) if self.root.exists() else []
-        out = []
-        for n in names:
-            for path in sorted((self.root / n).glob("*.json")):
-                if path.is_dir():
-                    warnings.warn(f"store: {path} is a folder where a record file belongs; skipped (move or delete it)")
-                    continue
-                record = self._read(path, n, path.stem)
-                if record is not None:
-                    out.append(record)
-        return out
-
     @staticmethod
     def depends_of(records) -> dict:
         "{'<name>/<key>': checksum} of the records a run was computed from."
@@ -409,122 +321,243 @@ class Store:
             out[f"{r['name']}/{r['key']}"] = r["checksum"]
         return out
 
-    def _check_depends(self, record: dict, depends: dict, path: Path, sources) -> dict | None:
-        "The record if its dependencies are the ones given now (flagged when it predates dependencies), else None."
-        stored = record["meta"].get("depends")
-        newer = [f"{r['name']}/{r['key']}" for r in sources
-                 if str(r.get("meta", {}).get("created", "")) > str(record["meta"]["created"])]
-        if stored is None and newer:
-            warnings.warn(f"store: {path} is stale: it has no recorded dependencies and {', '.join(newer)} was "
-                          "computed after it; it will be recomputed")
-            self._count(record["name"], "stale")
-            return None
-        if stored is None:
-            warnings.warn(f"store: {path} has no recorded dependencies (written before they were recorded); "
-                          f"used as is, flagged unverified: it may not come from {', '.join(depends)}")
-            self._count(record["name"], "legacy")
-            return {**record, "meta": {**record["meta"], "unverified_depends": True}}
-        if stored != depends:
-            changed = sorted(set(stored) ^ set(depends) | {k for k in stored if k in depends and stored[k] != depends[k]})
-            warnings.warn(f"store: {path} is stale: it was computed from other versions of {', '.join(changed)}; "
-                          "it will be recomputed")
-            self._count(record["name"], "stale")
-            return None
-        return record
-
-    def run(self, name: str,  # the experiment's name (a folder of the store)
-            params: dict,  # every parameter of the run (JSON-serialisable, string keys)
-            fn,  # () -> result dict (JSON-serialisable); called only when no valid record exists
-            seed: int,  # the run's seed (part of the key)
-            force: bool = False,  # recompute even when a valid record exists
-            depends=(),  # records this run was computed from (e.g. its teacher's): a stored record from others is stale
-            ) -> dict:
-        "The record of a run: stored if valid (and computed from `depends`), else computed by fn() and stored atomically."
-        return self._run(name, params, lambda key: fn(), seed, force, depends)
-
-    def _run(self, name, params, make, seed, force=False, depends=()) -> dict:
-        "Store.run with make(key) -> result (the key the record will have): compute-or-reuse under the run's lock."
-        params = _check_json("params", params)
-        run_key(name, params, seed)
-        seed = check_seed(seed)
-        if not callable(make):
-            raise ValueError(f"fn must be a function returning the result dict, got {type(make).__name__}")
-        deps = self.depends_of(depends)  # checks `depends` first: a clear error before anything else
-        sources, depends = list(depends), deps
-        with self._locked(name, params, seed) as readonly:
-            key, params = self._home(name, params, seed)
-            path = self.root / name / f"{key}.json"
-            if path.is_dir():
-                raise IsADirectoryError(f"store: {path} is a folder, but the record file of run {name} {key} belongs "
-                                        "there: move or delete that folder, then run again")
-            if not force:
-                record = self._read(path, name, key, params, seed)
-                if record is not None and depends:
-                    record = self._check_depends(record, depends, path, sources)
-                if record is not None:
-                    self._count(name, "reused")
-                    self._say(f"store: reused {name} {key}")
-                    return record
-            if readonly is not None:
-                raise readonly
-            engine = sys.modules.get("kdbook.engine")  # counts its runs by CUDA graph or eager (not part of the key)
-            before = dict(engine.RUN_LOG) if engine is not None else {}
-            t0 = time.perf_counter()
-            result = make(key)
-            wall = time.perf_counter() - t0
-            engine = sys.modules.get("kdbook.engine")
-            steps_ran = {k: v - before.get(k, 0) for k, v in engine.RUN_LOG.items()} if engine is not None else {}
-            if not isinstance(result, dict):
-                raise ValueError(f"fn() must return a dict of results, got {type(result).__name__}")
-            result = _check_json("result", result)
-            rev, dirty = git_revision(self.root, ignore_inside=True) if self.root.exists() else git_revision(Path.cwd())
-            meta = {"git_rev": rev, "dirty": dirty, "versions": package_versions(), "device": device_name(),
-                    "threads": thread_count(), "wall_time_s": wall, "created": datetime.now(timezone.utc).isoformat()}
-            if depends:
-                meta["depends"] = depends
-            if any(steps_ran.values()):  # how the training inside fn() ran: {"graphed": runs, "eager": runs}
-                meta["cuda_graphs"] = steps_ran
-            if self.profile is not None:
-                meta["profile"] = self.profile
-            record = {"name": name, "key": key, "params": params, "seed": seed, "result": result, "meta": meta}
-            record["checksum"] = record_checksum(record)
-            self._write(path, record)
-        self._count(name, "computed")
-        self._count(name, "seconds", wall)
-        self._say(f"store: computed {name} {key} in {wall:.1f}s")
-        return record
-
     @staticmethod
     def _write(path: Path, record: dict):
         atomic_write_bytes(path, (json.dumps(record, sort_keys=True, indent=1) + "\n").encode())
 
-    def summary(self, name: str | None = None) -> str:
-        "One line per experiment name of this session: 'name: 12 reused, 3 computed (41.2 s)'."
-        names = [name] if name is not None else list(self.counts)
-        lines = []
-        for n in names:
-            c = self.counts.get(n, {"reused": 0, "computed": 0, "seconds": 0.0, "legacy": 0, "stale": 0})
-            extra = "".join(f", {c[k]} {k}" for k in ("stale", "legacy") if c[k])
-            lines.append(f"{n}: {c['reused']} reused, {c['computed']} computed ({c['seconds']:.1f} s){extra}")
-        return "\n".join(lines) if lines else "store: no runs"
+# %% ../chapters/a3b_store.ipynb #b1a7c002
+from fastcore.basics import patch
 
-    def resume_path(self, name: str, params: dict, seed: int) -> Path:
-        "The resumable training checkpoint of a run: <checkpoints_dir>/partial/<name>-<key>.pt (for fit/distill)."
-        return self.checkpoints_dir / "partial" / f"{name}-{run_key(name, params, seed)}.pt"
 
-    def checkpoint_path(self, name: str) -> Path:
-        "Where the checkpoint called `name` lives: <checkpoints_dir>/<name>.safetensors."
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ValueError(f"checkpoint name {name!r} must be letters, digits, '_', '.', '-' (not starting with '.')")
-        return self.checkpoints_dir / f"{name}.safetensors"
+@patch
+def load(self: Store, name: str, params: dict, seed: int) -> dict | None:
+    "The stored record of a run if it exists and is valid; warns about (and ignores) a corrupt one."
+    params = _check_json("params", params)
+    run_key(name, params, seed)
+    key, params = self._home(name, params, check_seed(seed))
+    return self._read(self.root / name / f"{key}.json", name, key, params, seed)
 
-    def save_checkpoint(self, name: str, model_or_state, metadata: dict | None = None) -> Path:
-        "Save a model's weights (safetensors) under the checkpoints folder."
-        return save_checkpoint(model_or_state, self.checkpoint_path(name), metadata)
 
-    def load_checkpoint(self, name: str, model=None):
-        "Load weights saved by save_checkpoint; into `model` if given (returned), else the state dict."
-        return load_checkpoint(self.checkpoint_path(name), model)
+@patch
+def _read(self: Store, path: Path, name, key, params=None, seed=None, quiet: bool = False) -> dict | None:
+    if not path.exists():
+        return None
+    if path.is_dir():
+        raise IsADirectoryError(f"store: {path} is a folder, but the record file of run {name} {key} belongs "
+                                "there: move or delete that folder, then run again")
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        if not quiet:
+            warnings.warn(f"store: corrupt record {path}: the local copy is damaged ({type(err).__name__}: {err}); "
+                          "it will be recomputed (or restore it with git checkout)")
+        return None
+    problem = self._problem(record, name, key, params, seed)
+    if problem is not None:
+        if not quiet:
+            warnings.warn(f"store: corrupt record {path}: the local copy is damaged ({problem}); it will be "
+                          "recomputed (or restore it with git checkout)")
+        return None
+    return record
+
+
+@patch
+def records(self: Store, name: str | None = None) -> list[dict]:
+    "Every valid record of the store (of one experiment `name`); a bad file is reported (warning) and skipped."
+    names = [name] if name is not None else sorted(p.name for p in self.root.iterdir() if p.is_dir()
+                                                   and p.name not in RESERVED_NAMES
+                                                   and not p.name.startswith(".")) if self.root.exists() else []
+    out = []
+    for n in names:
+        for path in sorted((self.root / n).glob("*.json")):
+            if path.is_dir():
+                warnings.warn(f"store: {path} is a folder where a record file belongs; skipped (move or delete it)")
+                continue
+            record = self._read(path, n, path.stem)
+            if record is not None:
+                out.append(record)
+    return out
+
+# %% ../chapters/a3b_store.ipynb #b1a7c004
+@patch
+def _equivalent(self: Store, name: str, params: dict, seed: int) -> dict | None:
+    "A valid record of the same run whose parameters differ only in number types (4 against 4.0), or None."
+    folder, want = self.root / name, canonical_json(numeric_form(params))
+    if not folder.is_dir():
+        return None
+    for path in sorted(folder.glob("*.json")):
+        if path.is_dir() or not _KEY_RE.match(path.stem):
+            continue
+        record = self._read(path, name, path.stem, None, seed, quiet=True)
+        if record is not None and canonical_json(numeric_form(record["params"])) == want:
+            return record
+    return None
+
+
+@patch
+def _home(self: Store, name: str, params: dict, seed: int) -> tuple[str, dict]:
+    "(key, params) under which this run lives: its own key, or that of a stored run with numerically equal params."
+    key = run_key(name, params, seed)
+    if (self.root / name / f"{key}.json").exists():
+        return key, params
+    twin = self._equivalent(name, params, seed)
+    return (twin["key"], twin["params"]) if twin is not None else (key, params)
+
+
+@patch
+def lock_path(self: Store, name: str, params: dict, seed: int) -> Path:
+    "The lock file of a run (shared by parameters that differ only in number types): <root>/<name>/.<key>.lock."
+    return self.root / name / f".{run_key(name, numeric_form(params), seed)}.lock"
+
+
+@patch
+@contextlib.contextmanager
+def _locked(self: Store, name: str, params: dict, seed: int):
+    """Hold the run's lock (yields None), or yield the PermissionError explaining why the store is read-only;
+    a read-only store still serves its valid records."""
+    path = self.lock_path(name, params, seed)
+    try:
+        lock = file_lock(path)
+        lock.__enter__()
+    except OSError as err:
+        yield PermissionError(
+            f"store {self.root} is not writable ({type(err).__name__}: {err}), so run {name} cannot be computed "
+            "or stored there; nothing was computed. Make the folder writable, or use a Store on a writable "
+            "folder (Store(root=...)).")
+        return
+    try:
+        yield None
+    finally:
+        lock.__exit__(None, None, None)
+
+# %% ../chapters/a3b_store.ipynb #b1a7c006
+@patch
+def _check_depends(self: Store, record: dict, depends: dict, path: Path, sources) -> dict | None:
+    "The record if its dependencies are the ones given now (flagged when it predates dependencies), else None."
+    stored = record["meta"].get("depends")
+    newer = [f"{r['name']}/{r['key']}" for r in sources
+             if str(r.get("meta", {}).get("created", "")) > str(record["meta"]["created"])]
+    if stored is None and newer:
+        warnings.warn(f"store: {path} is stale: it has no recorded dependencies and {', '.join(newer)} was "
+                      "computed after it; it will be recomputed")
+        self._count(record["name"], "stale")
+        return None
+    if stored is None:
+        warnings.warn(f"store: {path} has no recorded dependencies (written before they were recorded); "
+                      f"used as is, flagged unverified: it may not come from {', '.join(depends)}")
+        self._count(record["name"], "legacy")
+        return {**record, "meta": {**record["meta"], "unverified_depends": True}}
+    if stored != depends:
+        changed = sorted(set(stored) ^ set(depends) | {k for k in stored if k in depends and stored[k] != depends[k]})
+        warnings.warn(f"store: {path} is stale: it was computed from other versions of {', '.join(changed)}; "
+                      "it will be recomputed")
+        self._count(record["name"], "stale")
+        return None
+    return record
+
+# %% ../chapters/a3b_store.ipynb #b1a7c008
+@patch
+def run(self: Store, name: str,  # the experiment's name (a folder of the store)
+        params: dict,  # every parameter of the run (JSON-serialisable, string keys)
+        fn,  # () -> result dict (JSON-serialisable); called only when no valid record exists
+        seed: int,  # the run's seed (part of the key)
+        force: bool = False,  # recompute even when a valid record exists
+        depends=(),  # records this run was computed from (e.g. its teacher's): a stored record from others is stale
+        ) -> dict:
+    "The record of a run: stored if valid (and computed from `depends`), else computed by fn() and stored atomically."
+    return self._run(name, params, lambda key: fn(), seed, force, depends)
+
+
+@patch
+def _run(self: Store, name, params, make, seed, force=False, depends=()) -> dict:
+    "Store.run with make(key) -> result (the key the record will have): compute-or-reuse under the run's lock."
+    params = _check_json("params", params)
+    run_key(name, params, seed)
+    seed = check_seed(seed)
+    if not callable(make):
+        raise ValueError(f"fn must be a function returning the result dict, got {type(make).__name__}")
+    deps = self.depends_of(depends)  # checks `depends` first: a clear error before anything else
+    sources, depends = list(depends), deps
+    with self._locked(name, params, seed) as readonly:
+        key, params = self._home(name, params, seed)
+        path = self.root / name / f"{key}.json"
+        if path.is_dir():
+            raise IsADirectoryError(f"store: {path} is a folder, but the record file of run {name} {key} belongs "
+                                    "there: move or delete that folder, then run again")
+        if not force:
+            record = self._read(path, name, key, params, seed)
+            if record is not None and depends:
+                record = self._check_depends(record, depends, path, sources)
+            if record is not None:
+                self._count(name, "reused")
+                self._say(f"store: reused {name} {key}")
+                return record
+        if readonly is not None:
+            raise readonly
+        engine = sys.modules.get("kdbook.engine")  # counts its runs by CUDA graph or eager (not part of the key)
+        before = dict(engine.RUN_LOG) if engine is not None else {}
+        t0 = time.perf_counter()
+        result = make(key)
+        wall = time.perf_counter() - t0
+        engine = sys.modules.get("kdbook.engine")
+        steps_ran = {k: v - before.get(k, 0) for k, v in engine.RUN_LOG.items()} if engine is not None else {}
+        if not isinstance(result, dict):
+            raise ValueError(f"fn() must return a dict of results, got {type(result).__name__}")
+        result = _check_json("result", result)
+        rev, dirty = git_revision(self.root, ignore_inside=True) if self.root.exists() else git_revision(Path.cwd())
+        meta = {"git_rev": rev, "dirty": dirty, "versions": package_versions(), "device": device_name(),
+                "threads": thread_count(), "wall_time_s": wall, "created": datetime.now(timezone.utc).isoformat()}
+        if depends:
+            meta["depends"] = depends
+        if any(steps_ran.values()):  # how the training inside fn() ran: {"graphed": runs, "eager": runs}
+            meta["cuda_graphs"] = steps_ran
+        if self.profile is not None:
+            meta["profile"] = self.profile
+        record = {"name": name, "key": key, "params": params, "seed": seed, "result": result, "meta": meta}
+        record["checksum"] = record_checksum(record)
+        self._write(path, record)
+    self._count(name, "computed")
+    self._count(name, "seconds", wall)
+    self._say(f"store: computed {name} {key} in {wall:.1f}s")
+    return record
+
+# %% ../chapters/a3b_store.ipynb #b1a7c009
+@patch
+def summary(self: Store, name: str | None = None) -> str:
+    "One line per experiment name of this session: 'name: 12 reused, 3 computed (41.2 s)'."
+    names = [name] if name is not None else list(self.counts)
+    lines = []
+    for n in names:
+        c = self.counts.get(n, {"reused": 0, "computed": 0, "seconds": 0.0, "legacy": 0, "stale": 0})
+        extra = "".join(f", {c[k]} {k}" for k in ("stale", "legacy") if c[k])
+        lines.append(f"{n}: {c['reused']} reused, {c['computed']} computed ({c['seconds']:.1f} s){extra}")
+    return "\n".join(lines) if lines else "store: no runs"
+
+
+@patch
+def resume_path(self: Store, name: str, params: dict, seed: int) -> Path:
+    "The resumable training checkpoint of a run: <checkpoints_dir>/partial/<name>-<key>.pt (for fit/distill)."
+    return self.checkpoints_dir / "partial" / f"{name}-{run_key(name, params, seed)}.pt"
+
+
+@patch
+def checkpoint_path(self: Store, name: str) -> Path:
+    "Where the checkpoint called `name` lives: <checkpoints_dir>/<name>.safetensors."
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(f"checkpoint name {name!r} must be letters, digits, '_', '.', '-' (not starting with '.')")
+    return self.checkpoints_dir / f"{name}.safetensors"
+
+
+@patch
+def save_checkpoint(self: Store, name: str, model_or_state, metadata: dict | None = None) -> Path:
+    "Save a model's weights (safetensors) under the checkpoints folder."
+    return save_checkpoint(model_or_state, self.checkpoint_path(name), metadata)
+
+
+@patch
+def load_checkpoint(self: Store, name: str, model=None):
+    "Load weights saved by save_checkpoint; into `model` if given (returned), else the state dict."
+    return load_checkpoint(self.checkpoint_path(name), model)
 
 
 def save_checkpoint(model_or_state,  # an nn.Module or a state dict of tensors
