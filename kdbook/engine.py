@@ -720,9 +720,12 @@ def _train_loop(run: Run, flag: dict) -> list:
     stacked = run.packed and not run.shared_input
     bar = tqdm(range(epoch, cfg.epochs), initial=epoch, total=cfg.epochs, disable=not cfg.progress,
                desc=f"epochs ({run.k} models)" if run.k > 1 else "epochs")
-    step_s = (run.epoch_estimate_s / max(len(starts), 1)) if run.epoch_estimate_s else None  # seconds per step
+    # seconds per step and per whole epoch (evaluation and checkpoint included): the caller's estimate, then measured
+    step_s = run.epoch_estimate_s / max(len(starts), 1) if run.epoch_estimate_s is not None else None
+    epoch_s = run.epoch_estimate_s
     for epoch in bar:
         run.model.train()
+        pos_at_start = pos  # None: a whole epoch (not the rest of a resumed one)
         if pos is None:
             step.reset()
             for s in streams:
@@ -775,8 +778,9 @@ def _train_loop(run: Run, flag: dict) -> list:
             save_train_state(run.checkpoint, _checkpoint_state(run, opt, step, streams, done, step_count, None, first_loss))
         if run.callback is not None:
             run.callback(done, run.histories[0] if run.k == 1 else run.histories)
-        if done < cfg.epochs and end is not None and run.checkpoint is None and step_s is not None:
-            need = step_s * len(starts) * (cfg.epochs - done)
+        epoch_s = time.perf_counter() - t_epoch if pos_at_start is None else epoch_s  # a whole epoch was measured
+        if done < cfg.epochs and end is not None and run.checkpoint is None and epoch_s is not None:
+            need = epoch_s * (cfg.epochs - done)
             if time.time() + need + DEADLINE_MARGIN_S > end:  # projected from the measured rate: it cannot finish
                 _stop(run, f"KDBOOK_DEADLINE: the {cfg.epochs - done} epochs left need about {need:.0f} s, more "
                            "than the time left", lambda: None)

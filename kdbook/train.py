@@ -428,7 +428,7 @@ def weights_sha(model: nn.Module) -> str:
     for name, t in model.state_dict().items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d buffers too
     return h.hexdigest()
 
 
@@ -443,7 +443,7 @@ def images_sha(images: torch.Tensor) -> str:
             _image_shas.clear()
         x = images.detach().cpu().contiguous()
         h = hashlib.sha256(f"{tuple(x.shape)}{x.dtype}".encode())
-        h.update(x.view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+        h.update(x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b"")
         _image_shas[memo] = h.hexdigest()
     return _image_shas[memo]
 
