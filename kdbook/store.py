@@ -476,8 +476,10 @@ def _run(self: Store, name, params, make, seed, force=False, depends=()) -> dict
     seed = check_seed(seed)
     if not callable(make):
         raise ValueError(f"fn must be a function returning the result dict, got {type(make).__name__}")
+    if not isinstance(depends, (str, bytes, dict)) and hasattr(depends, "__iter__"):
+        depends = list(depends)  # a generator is read once
     deps = self.depends_of(depends)  # checks `depends` first: a clear error before anything else
-    sources, depends = list(depends), deps
+    sources, depends = depends, deps
     with self._locked(name, params, seed) as readonly:
         key, params = self._home(name, params, seed)
         path = self.root / name / f"{key}.json"
