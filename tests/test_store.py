@@ -19,7 +19,7 @@ class Counter:
 
 
 def test_reuse_prints_lines(tmp_path, capsys):
-    store, fn = Store(tmp_path / "results"), Counter()
+    store, fn = Store(tmp_path / "results", verbose=True), Counter()
     first = store.run("exp", {"lr": 0.1}, fn, seed=0)
     assert f"store: computed exp {first['key']} in" in capsys.readouterr().out
     second = store.run("exp", {"lr": 0.1}, fn, seed=0)
@@ -216,7 +216,7 @@ def test_depends_stale_and_legacy(tmp_path):
         got = store.run("old", {"e": 1}, fn, seed=0, depends=[teacher2])
     assert fn.calls == 3 and got["meta"]["unverified_depends"] is True and got["result"] == legacy["result"]
     assert "1 legacy" in store.summary("old")
-    with pytest.raises(ValueError, match="depends must be store records"):
+    with pytest.raises(ValueError, match="depends= must be a list of store records"):
         store.run("x", {}, fn, seed=0, depends=["teacher"])
 
 
@@ -329,3 +329,131 @@ def test_committed_results_stay_within_their_size_budgets():
     big = [f"{p.relative_to(results)}: {p.stat().st_size / 1e6:.1f} MB" for p in results.rglob("*")
            if p.is_file() and p.stat().st_size > 16 * 2**20]
     assert not big, f"files of the store over 16 MiB: {big}"
+
+
+# --- messages stay out of rendered pages; input errors name the fix; concurrent writers; number types ---------------
+
+def test_quiet_by_default_but_logged_and_warnings_stay(tmp_path, capsys, caplog):
+    import logging
+    store, fn = Store(tmp_path), Counter()
+    with caplog.at_level(logging.INFO, logger="kdbook.store"):
+        rec = store.run("exp", {"lr": 0.1}, fn, seed=0)
+        store.run("exp", {"lr": 0.1}, fn, seed=0)
+    assert capsys.readouterr().out == "", "a chapter's output must not carry the store's progress lines"
+    assert f"store: reused exp {rec['key']}" in caplog.text
+    store.path("exp", {"lr": 0.1}, 0).write_text("{broken")
+    with pytest.warns(UserWarning, match="local copy is damaged"):
+        store.run("exp", {"lr": 0.1}, fn, seed=0)
+
+
+def test_depends_given_a_string_or_a_single_record(tmp_path):
+    store, fn = Store(tmp_path), Counter()
+    teacher = store.run("t", {"e": 1}, Counter(), seed=0)
+    for bad, says in [("t/0123456789abcdef", "got a str"), (teacher, "a single record"), ([teacher["key"]], "not their keys")]:
+        with pytest.raises(ValueError, match="depends=") as err:
+            store.run("s", {"e": 1}, fn, seed=0, depends=bad)
+        assert says in str(err.value) and "depends=[teacher_record]" in str(err.value) or says == "not their keys"
+    assert fn.calls == 0 and not (tmp_path / "s").exists()
+
+
+def test_folder_where_the_record_belongs_is_refused_before_work(tmp_path):
+    store, fn = Store(tmp_path), Counter()
+    store.path("exp", {"lr": 0.1}, 0).mkdir(parents=True)
+    with pytest.raises(IsADirectoryError, match="is a folder.*move or delete"):
+        store.run("exp", {"lr": 0.1}, fn, seed=0)
+    assert fn.calls == 0
+    with pytest.warns(UserWarning, match="is a folder"):
+        assert store.records() == []
+
+
+def test_read_only_store_refused_before_fn_but_still_read(tmp_path, monkeypatch):
+    import os
+    import kdbook.store as ks
+    store, fn = Store(tmp_path / "results"), Counter()
+    rec = store.run("exp", {"lr": 0.1}, fn, seed=0)
+    for folder in (tmp_path / "results", tmp_path / "results" / "exp"):
+        os.chmod(folder, 0o555)
+    try:
+        if os.access(tmp_path / "results" / "exp", os.W_OK):  # root ignores permissions: a read-only mount instead
+            def read_only(path):
+                raise OSError(30, "Read-only file system", str(path))
+            monkeypatch.setattr(ks, "_flock", read_only)
+        assert store.run("exp", {"lr": 0.1}, fn, seed=0) == rec  # a valid record is still served
+        with pytest.raises(PermissionError, match="not writable.*nothing was computed"):
+            store.run("exp", {"lr": 0.2}, fn, seed=0)
+        assert fn.calls == 1, "fn() must not run when its result cannot be stored"
+    finally:
+        for folder in (tmp_path / "results", tmp_path / "results" / "exp"):
+            os.chmod(folder, 0o755)
+
+
+def test_int_and_float_parameters_are_one_run(tmp_path):
+    from kdbook.store import numeric_form
+    store, fn = Store(tmp_path), Counter()
+    rec = store.run("exp", {"tau": 4.0, "epochs": 3}, fn, seed=0)
+    again = store.run("exp", {"tau": 4, "epochs": 3.0}, fn, seed=0)  # e.g. papermill -p tau 4
+    assert fn.calls == 1 and again == rec
+    assert store.load("exp", {"tau": 4, "epochs": 3}, 0) == rec
+    forced = store.run("exp", {"tau": 4, "epochs": 3}, fn, seed=0, force=True)  # replaces the record, same key
+    assert forced["key"] == rec["key"] and forced["params"] == rec["params"] and len(list(tmp_path.glob("exp/*.json"))) == 1
+    store.run("exp", {"tau": 4.5, "epochs": 3}, fn, seed=0)  # another value is another run
+    store.run("exp", {"tau": True, "epochs": 3}, fn, seed=0)  # a bool is not the number 1
+    assert fn.calls == 4
+    assert numeric_form({"a": [1.0, 2.5, True], "b": -0.0}) == {"a": [1, 2.5, True], "b": 0}
+
+
+def test_committed_records_keep_their_keys():
+    from pathlib import Path
+    store = Store(Path(__file__).resolve().parents[1] / "results")
+    records = store.records()
+    assert records, "the committed store has records"
+    assert all(run_key(r["name"], r["params"], r["seed"]) == r["key"] for r in records)
+
+
+_WRITER = """
+import sys, time, torch
+from kdbook.store import Store
+root, tag, start, force = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4] == "1"
+store = Store(root)
+def build():
+    torch.manual_seed(0)
+    return torch.nn.Linear(2, 2)
+def train(model):
+    with open(root + "/trainings.txt", "a") as f:
+        f.write(f"{tag}\\n")
+    time.sleep(1.0)  # both processes are inside compute-or-reuse at once
+    with torch.no_grad():
+        model.weight.fill_(tag)
+    return {"tag": tag}
+while time.time() < start:
+    time.sleep(0.005)
+rec, model = store.run_model("t", {"e": 1}, 0, build, train, force=force)
+assert model.weight[0, 0].item() == rec["result"]["tag"], "a record paired with another run's weights"
+print(rec["result"]["tag"])
+"""
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_two_processes_writing_one_key(tmp_path, force):
+    "Two real processes run the same key at once: one trains, the other reuses its record and weights (or, forced, both train in turn)."
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    start = time.time() + 4.0
+    procs = [subprocess.Popen([sys.executable, str(script), str(tmp_path), str(tag), str(start), str(int(force))],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for tag in (1.0, 2.0)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    trainings = (tmp_path / "trainings.txt").read_text().split()
+    assert len(trainings) == (2 if force else 1), trainings
+    store = Store(tmp_path)
+    rec, model = store.run_model("t", {"e": 1}, 0, lambda: torch.nn.Linear(2, 2), lambda m: {"tag": -1.0})
+    assert model.weight[0, 0].item() == rec["result"]["tag"] and rec["result"]["tag"] in (1.0, 2.0)
+    if not force:  # both processes got the one training's record
+        assert {float(o[0].strip()) for o in outs} == {rec["result"]["tag"]}
+    assert not list(tmp_path.rglob("*.lock")) and not list(tmp_path.rglob("*.tmp"))

@@ -175,3 +175,32 @@ def test_many_equals_separate_runs(mnist, mode):
         fit_many([make_model("lenet5", seed=0)], train, test, c, seeds=[0, 1])
     with pytest.raises(ValueError, match="cannot be trained together"):
         fit_many([make_model("resnet20", seed=0), make_model("lenet5", seed=0)], train, test, c, seeds=[0, 1])
+
+
+def test_teacher_logits_computed_once_per_teacher_and_data(mnist):
+    import kdbook.train as kt
+    train, test = mnist
+    train = train.subset(torch.arange(64))
+    teacher = make_model("lenet5", seed=7)
+    calls = []
+    hook = teacher.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    kt._teacher_logits.clear()
+    c = cfg(epochs=1, batch_size=16)
+    steps = 64 // 16
+    try:
+        h1 = distill(make_model("lenet5", seed=0), teacher, train, test, c, seed=0)
+        first = len(calls)
+        assert first > steps, "the first student's evaluation runs the teacher"
+        calls.clear()
+        h2 = distill(make_model("lenet5", seed=1), teacher, train, test, c, seed=1)
+        assert len(calls) == steps, f"the second student's evaluation ran the teacher {len(calls) - steps} times"
+        assert all(h1[k] == h2[k] for k in h1 if k.startswith("teacher_test_"))
+        with torch.no_grad():  # new weights: new logits
+            next(teacher.parameters()).mul_(1.5)
+        calls.clear()
+        h3 = distill(make_model("lenet5", seed=1), teacher, train, test, c, seed=1)
+        assert len(calls) > steps and h3["teacher_test_nll"] != h2["teacher_test_nll"]
+    finally:
+        hook.remove()
+    cached = kt.teacher_logits(teacher, test.images, 1000, torch.device("cpu"))
+    assert torch.equal(cached, predict_logits(teacher, test.images, 1000)), "the cache returns the same numbers"
