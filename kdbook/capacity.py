@@ -128,7 +128,7 @@ def plot_groups(ax,  # matplotlib Axes
             ax.axhline(low, color="0.4", ls="--", lw=1, label=text)
         else:
             ax.axhspan(low, high, color="0.85", label=text, zorder=0)
-    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xticks(range(len(labels)), [t.replace(" ×", "\n×").replace(" from ", "\nfrom ") for t in labels])
     ax.set_xlim(-0.5, len(labels) - 0.5)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
