@@ -16,13 +16,14 @@ from .zoo import Recipe
 # Appendix C, per profile, on top of Appendix B's setting (b_setup: data, ResNet-20 teachers and students, trials).
 # capacity: how the base student is enlarged ("depth" 2: twice the blocks per stage; "width" 2: twice the channels)
 # for Figure 12, distilled from the first capacity_m zoo teachers; vgg_sizes: ensembles of VGG-16 teachers distilled
-# into VGG-16 students (Figure 13; vgg_width 64 is the paper's VGG-16, smoke uses an eighth); alphas: the weights of
-# the NLL term (Eq. 1) of Figure 14, at alpha_m teachers. quick keeps one enlargement (depth, the paper's headline),
-# one VGG-16 teacher and one α > 0: the grid is cut, the schedules are Appendix B's.
+# into VGG-16 students (Figure 13; vgg_width 64 is the paper's VGG-16); alphas: the weights of the NLL term (Eq. 1)
+# of Figure 14, at alpha_m teachers. quick keeps one enlargement (depth, the paper's headline), one VGG-16 teacher and
+# one α > 0: the grid is cut, the schedules are Appendix B's. Its VGG-16 is a quarter wide (ResNet-20's channels):
+# a full one's teacher weights are 31 MB in float16, too much for the results store that travels to each GPU run.
 C_SETUP = {
     "smoke": dict(capacity=(("depth", 2), ("width", 2)), capacity_m=3, vgg_width=8, vgg_sizes=(1,), alphas=(0.0, 0.5),
                   alpha_m=3, tau=4.0),
-    "quick": dict(capacity=(("depth", 2),), capacity_m=3, vgg_width=64, vgg_sizes=(1,), alphas=(0.0, 0.5), alpha_m=3,
+    "quick": dict(capacity=(("depth", 2),), capacity_m=3, vgg_width=16, vgg_sizes=(1,), alphas=(0.0, 0.5), alpha_m=3,
                   tau=4.0),
     "paper": dict(capacity=(("depth", 2), ("width", 2)), capacity_m=3, vgg_width=64, vgg_sizes=(1, 3, 5),
                   alphas=(0.0, 0.1, 0.5, 0.9), alpha_m=3, tau=4.0),

@@ -247,9 +247,11 @@ def values(records: list,  # student records (bc_students)
 # H100). ESTIMATES, per image, for one step or one forward: a ResNet-38 is latency-bound like a ResNet-20 and has
 # 1.9x its layers, so 1.9x its time; a 2x-wide ResNet-20 does ResNet-56's forward FLOPs (~170 MFLOP) with a third
 # of its kernels, so it is taken at ResNet-56's measured rate (an upper bound); a VGG-16 does ~1.8x ResNet-56's
-# FLOPs in 13 large convolutions, taken at 2x ResNet-56's rate.
+# FLOPs in 13 large convolutions, taken at 2x ResNet-56's rate; a quarter-wide VGG-16 (ResNet-20's channels, a
+# sixteenth of the FLOPs, 16 layers with weights) is latency-bound like a ResNet-20, taken at its rate.
 COST_AS = {"ResNet-20": ("resnet20", 1.0), "ResNet-38": ("resnet20", 1.9), "ResNet-20 ×2 wide": ("resnet56", 1.0),
-           "VGG-16 (BN)": ("resnet56", 2.0), "VGG-16": ("resnet56", 2.0)}
+           "VGG-16 (BN)": ("resnet56", 2.0), "VGG-16": ("resnet56", 2.0),
+           "VGG-16 (BN) ×0.25 wide": ("resnet20", 1.0), "VGG-16 ×0.25 wide": ("resnet20", 1.0)}
 
 
 def cost_as(net: Recipe,  # a network's recipe
