@@ -98,9 +98,9 @@ def chapter_profiles(root: Path, profile: str | None):
     published = {}
     for name, value in (spec.get("chapters") or {}).items():
         if isinstance(value, dict):
-            unknown = set(value) - {"published", "target", "stores"}
+            unknown = set(value) - {"published", "target", "stores", "plan"}
             if unknown or "published" not in value:
-                raise BuildError(f"{path}: {name}: expected {{published: PROFILE, target: PROFILE, stores: [...]}}, "
+                raise BuildError(f"{path}: {name}: expected {{published: PROFILE, target: PROFILE, stores: [...], plan: MODULE:FUNCTION}}, "
                                  f"got {value!r}")
             for field in ("published", "target"):
                 if field in value and value[field] not in PROFILES:
