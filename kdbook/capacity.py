@@ -21,7 +21,7 @@ from .zoo import Recipe
 # one α > 0: the grid is cut, the schedules are Appendix B's. Its VGG-16 is a quarter wide (ResNet-20's channels):
 # a full one's teacher weights are 31 MB in float16, too much for the results store that travels to each GPU run.
 C_SETUP = {
-    "smoke": dict(capacity=(("depth", 2), ("width", 2)), capacity_m=3, vgg_width=8, vgg_sizes=(1,), alphas=(0.0, 0.5),
+    "smoke": dict(capacity=(("depth", 2),), capacity_m=3, vgg_width=8, vgg_sizes=(1,), alphas=(0.0, 0.5),
                   alpha_m=3, tau=4.0),
     "quick": dict(capacity=(("depth", 2),), capacity_m=3, vgg_width=16, vgg_sizes=(1,), alphas=(0.0, 0.5), alpha_m=3,
                   tau=4.0),

@@ -19,14 +19,14 @@ from .models import VGG16_CFG
 from .policies import summarize
 from .train import PROFILES, distill, distill_many, make_model
 from .viz import mean_std
-from .zoo import ARCHS, Recipe, data_tag
+from .zoo import ARCHS, STUDENT_NAME, ZOO_NAME, Recipe, data_tag, distill_pack, no_synthetic
 
-BC_NAME = "bc-student"  # the store's experiment name of every student of Appendices B and C
+BC_NAME = "bc-student"  # the store's experiment name of the α > 0 students (α = 0 ones are §4.2's STUDENT_NAME)
 NET_ARCHS = ARCHS + ("preresnet", "vgg16")  # what a Net builds: the zoo's ResNets, any-depth ResNets, VGG-16
 
 # %% auto #0
 __all__ = ['BC_NAME', 'NET_ARCHS', 'B_SETUP', 'FIG10_TAU', 'COST_AS', 'vgg16_scaled', 'Net', 'b_setup', 'b_points',
-           'subsampled_cifar100', 'bc_params', 'bc_students', 'values', 'cost_as', 'data_key', 'plan_teachers',
+           'subsampled_cifar100', 'bc_params', 'bc_students', 'values', 'cost_as', 'plan_teachers', 'zoo_plus0_group',
            'plan_students', 'gpu_plan', 'mean_sd', 'devices', 'plot_tau_m_grid']
 
 # %% ../chapters/b1_ensemble_size.ipynb #9df3ac8f
@@ -108,16 +108,17 @@ class Net(Recipe):
 
 # %% ../chapters/b1_ensemble_size.ipynb #05e8b054
 # Appendix B's setting, per profile: ResNet-20 teachers and students on a class-balanced subsample of CIFAR-100.
-# smoke: a pipeline check (4-channel ResNet-20s, 200 images, one epoch). quick: one GPU; 5,000 images (50 a class)
-# so that 100-epoch students can fit their distillation data (the guard: train agreement >= 90%), the grid cut to
-# tau in {1, 4} x m in {1, 3, 5}. paper: the appendix A.3 schedules; the grid is ours where the text gives none.
+# smoke: a pipeline check (4-channel ResNet-20s, 200 images, one epoch). quick: one GPU; the book's zoo at quick
+# (§4.2's chapter: 10,000 images, 100-epoch teachers, 80-epoch students, so that students fit their distillation
+# data: the guard is train agreement >= 90%), so its teachers and its +0 ensemble students are shared; the grid
+# cut to tau in {1, 4} x m in {1, 3, 5}. paper: the appendix A.3 schedules; the grid is ours where the text gives none.
 B_SETUP = {
     "smoke": dict(n_train=200, n_test=100, n_trials=2, taus=(1.0, 4.0), fig9_sizes=(1, 3), fig10_sizes=(1, 3),
                   teacher=Net(arch="resnet20", width=4, epochs=1, batch_size=64),
                   student=Net(arch="resnet20", width=4, epochs=1, batch_size=64, lr=0.05, lr_min=1e-6)),
-    "quick": dict(n_train=5000, n_test=10000, n_trials=2, taus=(1.0, 4.0), fig9_sizes=(1, 3, 5), fig10_sizes=(1, 3, 5),
+    "quick": dict(n_train=10000, n_test=10000, n_trials=2, taus=(1.0, 4.0), fig9_sizes=(1, 3, 5), fig10_sizes=(1, 3, 5),
                   teacher=Net(arch="resnet20", epochs=100),
-                  student=Net(arch="resnet20", epochs=100, batch_size=128, lr=0.05, lr_min=1e-6)),
+                  student=Net(arch="resnet20", epochs=80, batch_size=128, lr=0.05, lr_min=1e-6)),
     "paper": dict(n_train=10000, n_test=10000, n_trials=3, taus=(0.5, 1.0, 2.0, 4.0, 8.0), fig9_sizes=(1, 3, 5),
                   fig10_sizes=tuple(range(1, 13)),
                   teacher=Net(arch="resnet20"),
@@ -190,7 +191,7 @@ def bc_params(teachers: list,  # [(record, model)]: the (ensemble) teacher
               tau: float,  # distillation temperature
               alpha: float = 0.0,  # weight of the NLL term of Eq. 1 (0 everywhere but Figure 14)
               ) -> dict:
-    "The store parameters of one student of Appendix B or C (everything but its seed)."
+    "The store parameters of one student with α > 0 (Figure 14; everything but its seed)."
     return {"teachers": [r["key"] for r, _ in teachers], "recipe": student.to_dict(), "train": data_tag(train),
             "test": data_tag(test), "tau": float(tau), "alpha": float(alpha)}
 
@@ -206,8 +207,12 @@ def bc_students(store,  # kdbook.store.Store
                 device: str = "auto",  # where to train
                 ) -> list:
     """The records of one student per seed, read from the store or trained: the missing ones together
-    (`distill_many(same_batches=True)`: one teacher forward labels every student's batch), a single one alone
-    with a resumable checkpoint. Trials therefore share their batches and their teachers."""
+    (`distill_many(same_batches=True)`: one teacher forward labels every student's batch), so trials share their
+    batches and their teachers. α = 0 students are the book's students of real data (`kdbook.zoo.distill_pack`,
+    §4.2's store name and keys): the same group asked for by another chapter is trained once. α > 0 (Figure 14)
+    are stored under BC_NAME; a single missing one trains alone with a resumable checkpoint."""
+    if alpha == 0:
+        return distill_pack(store, teachers, train, test, None, no_synthetic(), student, seeds, tau=tau, device=device)
     params = bc_params(teachers, student, train, test, tau, alpha)
     models = [m for _, m in teachers]
     missing = [s for s in seeds if store.load(BC_NAME, params, s) is None]
@@ -263,19 +268,25 @@ def cost_as(net: Recipe,  # a network's recipe
     return COST_AS[label]
 
 
-def data_key(n_train: int, n_test: int, seed: int) -> tuple:
-    "What names a subsample in a plan's shared key (the plan does not load the data to fingerprint it)."
-    return ("cifar100", n_train, n_test, "stratified", seed)
-
-
 def plan_teachers(chapter: str, net: Recipe, seeds: list, n_train: int, n_test: int, seed: int) -> list:
-    "Items of zoo teachers (shared keys: the first chapter in the book's order that plans one is charged)."
+    """Items of zoo teachers, keyed as `kdbook.zoo.zoo_item` keys them (architecture, data, recipe, seed): a teacher
+    another chapter also plans is counted once, in the first chapter of the book's order."""
     from kdbook.costs import CAPTURE_S, Item, eval_s, teacher_fit_s
     arch, mult = cost_as(net)
+    data = f"cifar100 train {n_train} / test {n_test}, subset seed {seed}"
     s = mult * (teacher_fit_s(net.epochs * n_train, arch) + eval_s(n_test, arch)) + CAPTURE_S
     return [Item(chapter, f"zoo teacher {net.label}, seed {t}, {net.epochs} epochs x {n_train:,} images", s,
-                 key=("zoo-teacher", data_key(n_train, n_test, seed), tuple(sorted(net.to_dict().items())), t),
+                 key=(ZOO_NAME, net.arch, data, tuple(sorted(net.to_dict().items())), t),
                  basis="kdbook.costs teacher_fit_s x COST_AS + one evaluation + graph capture") for t in seeds]
+
+
+def zoo_plus0_group(profile: str, S: dict, m: int, tau: float, alpha: float, seed: int) -> bool:
+    "Whether a group is §4.2's +0 ensemble students (same teachers, recipe, data, τ and seeds): planned there, not here."
+    from kdbook.zoo import N_TRIALS, ZOO_DATA, student_recipe, teacher_recipe
+    return (alpha == 0 and m == 3 and tau == 4.0 and seed == 0 and S["n_trials"] == N_TRIALS[profile]
+            and (S["n_train"], S["n_test"]) == (ZOO_DATA[profile]["n_train"], ZOO_DATA[profile]["n_test"])
+            and S["teacher"].to_dict() == teacher_recipe(profile).to_dict()
+            and S["student"].to_dict() == student_recipe(profile).to_dict())
 
 
 def plan_students(chapter: str, student: Recipe, teacher: Recipe, m: int, tau: float, alpha: float, n_trials: int,
@@ -287,8 +298,9 @@ def plan_students(chapter: str, student: Recipe, teacher: Recipe, m: int, tau: f
     images = student.epochs * n_train  # per student
     train = n_trials * images * (sm * u["student"][sa] + m * tm * u["teacher"][ta] / n_trials)
     evals = sm * eval_s(n_trials * (n_test + n_train), sa) + tm * eval_s(m * (n_test + n_train), ta)
-    key = (BC_NAME, data_key(n_train, n_test, seed), tuple(sorted(student.to_dict().items())),
-           tuple(sorted(teacher.to_dict().items())), m, float(tau), float(alpha), n_trials)
+    key = (STUDENT_NAME if alpha == 0 else BC_NAME, f"cifar100 train {n_train} / test {n_test}, subset seed {seed}",
+           tuple(sorted(student.to_dict().items())), tuple(sorted(teacher.to_dict().items())), m, float(tau),
+           float(alpha), n_trials)
     return Item(chapter, f"{n_trials} x {student.label} from {m} x {teacher.label}, τ = {tau:g}, α = {alpha:g}, "
                 f"{student.epochs} epochs, same batches", train + evals + CAPTURE_S, key=key,
                 basis="per student-image S + m·T/k (kdbook.costs) x COST_AS; fp32 evaluation; graph capture")
@@ -303,8 +315,11 @@ def gpu_plan(profile: str = "quick",  # the profile to plan
     items = [Item(chapter, "chapter start", START_S)]
     items += plan_teachers(chapter, S["teacher"], [seed + i for i in range(max(m for m, _ in pts))],
                            S["n_train"], S["n_test"], seed)
-    items += [plan_students(chapter, S["student"], S["teacher"], m, t, 0.0, S["n_trials"], S["n_train"], S["n_test"], seed)
-              for m, t in pts]
+    for m, t in pts:
+        it = plan_students(chapter, S["student"], S["teacher"], m, t, 0.0, S["n_trials"], S["n_train"], S["n_test"], seed)
+        if zoo_plus0_group(profile, S, m, t, 0.0, seed):
+            it = Item(chapter, it.what + " (§4.2's +0 ensemble students: planned there)", 0.0, key=it.key)
+        items.append(it)
     return items
 
 # %% ../chapters/b1_ensemble_size.ipynb #a1d8683a

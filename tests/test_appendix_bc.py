@@ -11,7 +11,7 @@ from kdbook.ensembles import (B_SETUP, BC_NAME, Net, b_points, b_setup, bc_stude
 from kdbook.models import count_params, vgg16
 from kdbook.store import Store
 from kdbook.train import make_model
-from kdbook.zoo import Recipe, zoo_teachers
+from kdbook.zoo import STUDENT_NAME, Recipe, zoo_item, zoo_teachers
 
 
 def test_net_builds_the_papers_networks():
@@ -66,6 +66,8 @@ def test_students_pack_and_are_read_back(tmp_path):
     assert all(0 <= v <= 100 for v in values(recs, "test_agreement"))
     with pytest.raises(ValueError, match="same trials"):
         paired_gain(recs, recs[::-1], "test_agreement")
+    plain = bc_students(store, teachers, data, data, net, [5, 6], tau=2.0, device="cpu")  # α = 0: §4.2's students
+    assert {r["name"] for r in plain} == {STUDENT_NAME} and paired_gain(plain, recs, "test_acc")
 
 
 def test_plans_follow_the_chapters_tables(monkeypatch):
@@ -78,11 +80,20 @@ def test_plans_follow_the_chapters_tables(monkeypatch):
     assert sum(it.seconds for it in c_plan("quick")) > c_base
 
 
+def test_quick_shares_the_zoo_of_section_4_2():
+    from kdbook.zoo import gpu_plan as zoo_plan
+    zoo_keys = {it.key for it in zoo_plan("quick") if it.key is not None}
+    b_items = b_plan("quick")
+    assert {zoo_item("x", "quick", s).key for s in range(3)} <= {it.key for it in b_items} & zoo_keys
+    assert sum(it.seconds == 0 for it in b_items) == 1  # the m = 3, τ = 4 students are §4.2's +0 ensemble students
+    assert not any(it.seconds == 0 for it in b_plan("paper") if it.what != "chapter start")  # at paper nothing is §4.2's
+
+
 def test_appendix_c_reuses_appendix_b():
     from kdbook.costs import project
     b_keys = {it.key for it in b_plan("quick")}
     shared = [it for it in c_plan("quick") if it.key is not None and it.key in b_keys]
-    assert any(it.key[0] == "zoo-teacher" for it in shared) and any(it.key[0] == BC_NAME for it in shared)
+    assert any(it.key[0] == "zoo-teacher" for it in shared) and any(it.key[0] == STUDENT_NAME for it in shared)
     both = project(b_plan("quick") + c_plan("quick"))
     assert both["c1_capacity"] < project(c_plan("quick"))["c1_capacity"]
     assert both["b1_ensemble_size"] <= 8 and both["c1_capacity"] <= 8
