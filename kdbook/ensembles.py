@@ -211,17 +211,19 @@ def bc_students(store,  # kdbook.store.Store
     (`distill_many(same_batches=True)`: one teacher forward labels every student's batch), so trials share their
     batches and their teachers. α = 0 students are the book's students of real data (`kdbook.zoo.distill_pack`,
     §4.2's store name and keys): the same group asked for by another chapter is trained once. α > 0 (Figure 14)
-    are stored under BC_NAME; a single missing one trains alone with a resumable checkpoint."""
+    are stored under BC_NAME; a single missing one trains alone on the same batches, with a resumable checkpoint."""
     if alpha == 0:
         return distill_pack(store, teachers, train, test, None, no_synthetic(), student, seeds, tau=tau, device=device)
-    params = bc_params(teachers, student, train, test, tau, alpha)
+    params = bc_params(teachers, student, train, test, tau, alpha) | {"batch_seed": seeds[0]}
     models = [m for _, m in teachers]
     missing = [s for s in seeds if store.load(BC_NAME, params, s) is None]
     done = {}
     if len(missing) > 1:
         nets = [student.build(s, train.num_classes) for s in missing]
+        # every student sees the batches of seeds[0] (same_batches uses the first seed's), even when it is stored
+        batch_seeds = [seeds[0]] + [s for s in missing if s != seeds[0]][:len(missing) - 1]
         t0 = time.perf_counter()
-        histories = distill_many(nets, models, train, test, student.config(device), missing, tau=tau, alpha=alpha,
+        histories = distill_many(nets, models, train, test, student.config(device), batch_seeds, tau=tau, alpha=alpha,
                                  same_batches=True)
         share = (time.perf_counter() - t0) / len(missing)  # the store times only what runs inside store.run
         done = {s: summarize(h) | {"trained": f"packed with {len(missing)}, same batches", "packed_train_s": share}
@@ -232,9 +234,9 @@ def bc_students(store,  # kdbook.store.Store
             return done[seed]
         resume = store.resume_path(BC_NAME, params, seed)
         h = distill(student.build(seed, train.num_classes), models, train, test, student.config(device, checkpoint_every=1),
-                    seed, tau=tau, alpha=alpha, checkpoint=resume)
+                    seeds[0], tau=tau, alpha=alpha, checkpoint=resume)
         resume.unlink(missing_ok=True)
-        return summarize(h) | {"trained": "alone"}
+        return summarize(h) | {"trained": f"alone, batches of seed {seeds[0]}"}
 
     return [store.run(BC_NAME, params, lambda s=s: run(s), s, depends=[r for r, _ in teachers]) for s in seeds]
 
