@@ -213,11 +213,11 @@ def plans(root, profile: str = "quick") -> list:
     for stem, spec in chapter_specs(root).items():
         if not spec["plan"]:
             continue
-        got = load_plan(spec["plan"])(profile)
-        for it in got:
-            if not isinstance(it, Item):
-                raise TypeError(f"plan {spec['plan']} returned {type(it).__name__}, not an Item")
-        items += got
+        for it in load_plan(spec["plan"])(profile):
+            fields = ("chapter", "what", "seconds", "key", "basis")
+            if not all(hasattr(it, f) for f in fields):
+                raise TypeError(f"plan {spec['plan']} returned {type(it).__name__}, not a kdbook.costs.Item")
+            items.append(Item(*(getattr(it, f) for f in fields)))  # (an Item of the notebook's own definition too)
     return items
 
 

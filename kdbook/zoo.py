@@ -22,7 +22,7 @@ __all__ = ['ZOO_NAME', 'STUDENT_NAME', 'ENSEMBLE_SIZES', 'ARCHS', 'TEACHER_RECIP
            'teacher_recipe', 'student_recipe', 'zoo_data', 'data_tag', 'zoo_params', 'zoo_teachers',
            'check_ensemble_size', 'zoo_ensemble', 'check_synthetic_sizes', 'synthetic_subset', 'mixup_standin',
            'student_params', 'distill_student', 'student_recipe_for', 'no_synthetic', 'distill_pack', 'fig1_students',
-           'baseline_students', 'gpu_minutes', 'zoo_item', 'gpu_plan']
+           'baseline_students', 'gpu_minutes', 'zoo_item', 'baseline_items', 'gpu_plan']
 
 # %% ../chapters/23_synthetic.ipynb #dfc61613
 ZOO_NAME = "zoo-teacher"  # the store's experiment name of every zoo teacher (chapters of §4.2, §5.1, §5.2 share it)
@@ -490,24 +490,42 @@ def zoo_item(chapter: str,  # the chapter that plans the teacher
                 key=(ZOO_NAME, r.arch, data, recipe, seed), basis="teacher fit rate x epochs x images + one evaluation")
 
 
+def _student_items(chapter: str, profile: str, size: int) -> list:
+    "The two student items of one synthetic size (self-distillation, alone; ensemble, one pack); +0 ones are keyed."
+    from kdbook.costs import CAPTURE_S, Item, eval_s, student_s
+    n, nt = ZOO_DATA[_profile(profile)]["n_train"], ZOO_DATA[profile]["n_test"]
+    trials, m = N_TRIALS[profile], 3
+    r = student_recipe_for(profile, n, size)
+    imgs = r.epochs * (n + size)
+    recipe = tuple(sorted(r.to_dict().items()))
+    key = lambda kind: (STUDENT_NAME, "baseline", kind, recipe, n, nt, trials) if size == 0 else None
+    # self-distillation: one teacher each, alone; evaluation: teacher on test + real images, student the same,
+    # the s' control's teacher on the test images
+    return [Item(chapter, f"{trials} self-distillation students, +{size:,}, {r.epochs} epochs (alone)",
+                 trials * (student_s(imgs, 1, 1, r.arch) + eval_s(2 * (nt + n) + 2 * nt, r.arch) + CAPTURE_S),
+                 key=key("self"), basis="S + T per image; fp32 evaluation"),
+            Item(chapter, f"{trials} students of the {m}-ensemble, +{size:,}, {r.epochs} epochs (one pack, same batches)",
+                 trials * student_s(imgs, m, trials, r.arch) + eval_s(m * (nt + n) + trials * (nt + n), r.arch) + CAPTURE_S,
+                 key=key("ensemble"), basis="S + m T / k per image; teachers evaluated once")]
+
+
+def baseline_items(chapter: str,  # the chapter that plans them (e.g. "51_augmentation")
+                   profile: str,  # the profile
+                   m: int,  # 1 or 3 (see baseline_students)
+                   ) -> list:
+    "The GPU work of baseline_students(..., m): the same keyed Item §4.2 plans, so the book counts it once."
+    kind = {1: 0, 3: 1}.get(m)
+    if kind is None:
+        raise ValueError(f"the shared Baseline students exist for m = 1 and m = 3, got m = {m!r}")
+    return [_student_items(chapter, profile, 0)[kind]]
+
+
 def gpu_plan(profile: str,  # "smoke", "quick" or "paper"
              ) -> list:
     "The GPU work of this chapter at `profile` (kdbook.costs.Item), from the chapter's own profile tables."
-    from kdbook.costs import CAPTURE_S, START_S, Item, eval_s, student_s
-    n, nt = ZOO_DATA[_profile(profile)]["n_train"], ZOO_DATA[profile]["n_test"]
-    trials, m = N_TRIALS[profile], 3
+    from kdbook.costs import START_S, Item
     items = [Item(CHAPTER, "chapter start-up", START_S)]
-    items += [zoo_item(CHAPTER, profile, s) for s in range(ZOO_SIZE[profile])]
+    items += [zoo_item(CHAPTER, profile, s) for s in range(ZOO_SIZE[_profile(profile)])]
     for size in SYNTHETIC_SIZES[profile]:
-        r = student_recipe_for(profile, n, size)
-        imgs = r.epochs * (n + size)
-        # self-distillation: one teacher each, alone; evaluation: teacher on test + real images, student the same,
-        # the s' control's teacher on the test images
-        items.append(Item(CHAPTER, f"{trials} self-distillation students, +{size:,}, {r.epochs} epochs (alone)",
-                          trials * (student_s(imgs, 1, 1, r.arch) + eval_s(2 * (nt + n) + 2 * nt, r.arch) + CAPTURE_S),
-                          basis="S + T per image; fp32 evaluation"))
-        items.append(Item(CHAPTER, f"{trials} students of the {m}-ensemble, +{size:,}, {r.epochs} epochs "
-                                   f"(one pack, same batches)",
-                          trials * student_s(imgs, m, trials, r.arch) + eval_s(m * (nt + n) + trials * (nt + n), r.arch)
-                          + CAPTURE_S, basis="S + m T / k per image; teachers evaluated once"))
+        items += _student_items(CHAPTER, profile, size)
     return items

@@ -13,7 +13,7 @@ from kdbook.policies import (POLICY_RUNS, POOL_POLICIES, S51_NAME, PoolSampler, 
 from kdbook.recycling import DISTILL_SETS, S52_NAME, check_fraction, recycling_params, recycling_sets, recycling_split
 from kdbook.store import Store
 from kdbook.train import make_model
-from kdbook.train_agreement import group, policies_key, recycling_key, select, synthetic_key
+from kdbook.train_agreement import CONTEXT_FIELDS, group, policies_key, recycling_key, select, synthetic_key
 from kdbook.zoo import Recipe, check_ensemble_size, zoo_ensemble
 
 TINY = Recipe(arch="resnet20", width=2, epochs=1, batch_size=8, lr=0.05, lr_min=1e-6, amp=False)
@@ -154,6 +154,35 @@ def test_train_agreement_keys_and_pending_records():
     assert synthetic_key({"params": {"teachers": ["a"], "synthetic": {"size": 0}, "train": {"n": 10}}}) == (1, 0.0)
     assert select(recs, "quick") == []
 
+
+
+def _fig5_record(seed=0, **change):
+    params = {"teachers": ["t0"], "tau": 4.0, "synthetic": {"source": "sn-gan", "key": "g1", "size": 64},
+              "train": {"n": 128, "fingerprint": "a"}, "test": {"n": 100, "fingerprint": "b"},
+              "recipe": {}, "distill_set": "D0", "split": {"seed": 0, "fraction": 0.5}}
+    params.update(change)
+    return {"meta": {"profile": "quick", "created": str(seed)}, "seed": seed, "params": params,
+            "result": {"train_agreement": 95.0}}
+
+
+@pytest.mark.parametrize("field, change", [
+    ("synthetic source", {"synthetic": {"source": "mixup-standin", "key": "seed 200", "size": 64}}),
+    ("tau", {"tau": 1.0}),
+    ("split", {"split": {"seed": 1, "fraction": 0.5}}),
+    ("training data", {"train": {"n": 128, "fingerprint": "other"}}),
+    ("test data", {"test": {"n": 100, "fingerprint": "other"}})])
+def test_figure5_groups_refuse_records_that_differ_in_one_field(field, change):
+    assert field in CONTEXT_FIELDS
+    for key in (synthetic_key, recycling_key(4.0) if field != "tau" else (lambda r: ("D0", 1))):
+        with pytest.raises(ValueError, match=field):
+            group([_fig5_record(0), _fig5_record(1, **change)], key)
+
+
+def test_figure5_groups_refuse_mixed_teachers_but_accept_rotated_trials():
+    with pytest.raises(ValueError, match="teacher keys"):  # same seed, another teacher: two experiments
+        group([_fig5_record(0), _fig5_record(0, teachers=["t9"])], synthetic_key)
+    values, _ = group([_fig5_record(0), _fig5_record(1, teachers=["t1"])], synthetic_key)  # trial i <- teacher i
+    assert values == {(1, 0.5): [95.0, 95.0]}
 
 class _Stop(Exception):
     pass
