@@ -165,6 +165,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                   'kdbook.ensembles.devices': ('b1_ensemble_size.html#devices', 'kdbook/ensembles.py'),
                                   'kdbook.ensembles.gpu_plan': ('b1_ensemble_size.html#gpu_plan', 'kdbook/ensembles.py'),
                                   'kdbook.ensembles.mean_sd': ('b1_ensemble_size.html#mean_sd', 'kdbook/ensembles.py'),
+                                  'kdbook.ensembles.plan_group': ('b1_ensemble_size.html#plan_group', 'kdbook/ensembles.py'),
                                   'kdbook.ensembles.plan_students': ('b1_ensemble_size.html#plan_students', 'kdbook/ensembles.py'),
                                   'kdbook.ensembles.plan_teachers': ('b1_ensemble_size.html#plan_teachers', 'kdbook/ensembles.py'),
                                   'kdbook.ensembles.plot_tau_m_grid': ('b1_ensemble_size.html#plot_tau_m_grid', 'kdbook/ensembles.py'),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .ensembles import Net, b_setup, plan_students, plan_teachers
+from .ensembles import Net, b_setup, plan_group, plan_teachers
 from .train import PROFILES
 from .viz import mean_std
 from .zoo import Recipe
@@ -103,7 +103,7 @@ def gpu_plan(profile: str = "quick",  # the profile to plan
                            b["n_test"], seed)
     seen = set()
     for _, student, teacher, m, tau, alpha in c_conditions(C):
-        it = plan_students(chapter, student, teacher, m, tau, alpha, b["n_trials"], b["n_train"], b["n_test"], seed)
+        it = plan_group(chapter, profile, b, student, teacher, m, tau, alpha, seed)
         if it.key not in seen:
             seen.add(it.key)
             items.append(it)

@@ -27,7 +27,7 @@ NET_ARCHS = ARCHS + ("preresnet", "vgg16")  # what a Net builds: the zoo's ResNe
 # %% auto #0
 __all__ = ['BC_NAME', 'NET_ARCHS', 'B_SETUP', 'FIG10_TAU', 'COST_AS', 'vgg16_scaled', 'Net', 'b_setup', 'b_points',
            'subsampled_cifar100', 'bc_params', 'bc_students', 'values', 'cost_as', 'plan_teachers', 'zoo_plus0_group',
-           'plan_students', 'gpu_plan', 'mean_sd', 'devices', 'plot_tau_m_grid']
+           'plan_students', 'plan_group', 'gpu_plan', 'mean_sd', 'devices', 'plot_tau_m_grid']
 
 # %% ../chapters/b1_ensemble_size.ipynb #9df3ac8f
 def vgg16_scaled(num_classes: int = 100,  # output logits
@@ -284,7 +284,7 @@ def plan_teachers(chapter: str, net: Recipe, seeds: list, n_train: int, n_test: 
 
 
 def zoo_plus0_group(profile: str, S: dict, m: int, tau: float, alpha: float, seed: int) -> bool:
-    "Whether a group is §4.2's +0 ensemble students (same teachers, recipe, data, τ and seeds): planned there, not here."
+    "Whether a group is §4.2's +0 ensemble students (same teachers, recipe, data, τ and seeds)."
     from kdbook.zoo import N_TRIALS, ZOO_DATA, student_recipe, teacher_recipe
     return (alpha == 0 and m == 3 and tau == 4.0 and seed == 0 and S["n_trials"] == N_TRIALS[profile]
             and (S["n_train"], S["n_test"]) == (ZOO_DATA[profile]["n_train"], ZOO_DATA[profile]["n_test"])
@@ -309,6 +309,15 @@ def plan_students(chapter: str, student: Recipe, teacher: Recipe, m: int, tau: f
                 basis="per student-image S + m·T/k (kdbook.costs) x COST_AS; fp32 evaluation; graph capture")
 
 
+def plan_group(chapter: str, profile: str, S: dict, student: Recipe, teacher: Recipe, m: int, tau: float,
+               alpha: float, seed: int) -> "Item":
+    "The Item of one student group of S (b_setup): §4.2's keyed Item where the group is its +0 ensemble students."
+    from kdbook.zoo import baseline_items
+    if student == S["student"] and teacher == S["teacher"] and zoo_plus0_group(profile, S, m, tau, alpha, seed):
+        return baseline_items(chapter, profile, 3)[0]
+    return plan_students(chapter, student, teacher, m, tau, alpha, S["n_trials"], S["n_train"], S["n_test"], seed)
+
+
 def gpu_plan(profile: str = "quick",  # the profile to plan
              ) -> list:
     "The GPU work of Appendix B at `profile` (kdbook.costs Items), from B_SETUP: the chapter's own table."
@@ -318,11 +327,7 @@ def gpu_plan(profile: str = "quick",  # the profile to plan
     items = [Item(chapter, "chapter start", START_S)]
     items += plan_teachers(chapter, S["teacher"], [seed + i for i in range(max(m for m, _ in pts))],
                            S["n_train"], S["n_test"], seed)
-    for m, t in pts:
-        it = plan_students(chapter, S["student"], S["teacher"], m, t, 0.0, S["n_trials"], S["n_train"], S["n_test"], seed)
-        if zoo_plus0_group(profile, S, m, t, 0.0, seed):
-            it = Item(chapter, it.what + " (§4.2's +0 ensemble students: planned there)", 0.0, key=it.key)
-        items.append(it)
+    items += [plan_group(chapter, profile, S, S["student"], S["teacher"], m, t, 0.0, seed) for m, t in pts]
     return items
 
 # %% ../chapters/b1_ensemble_size.ipynb #a1d8683a
