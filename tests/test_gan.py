@@ -307,3 +307,17 @@ def test_classifier_features_are_the_input_of_fc():
     torch.testing.assert_close(torch.from_numpy(feats).float() @ net.fc.weight.T + net.fc.bias, logits, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="PreResNet"):
         classifier_features(torch.nn.Linear(3, 3), images)
+
+
+def test_deadline_budget_and_plan():
+    from kdbook.gan import DEADLINE_RESERVE_S, deadline_budget, gpu_plan
+    assert deadline_budget(None, env={}) is None and deadline_budget(30.0, env={}) == 30.0
+    assert deadline_budget(None, env={"KDBOOK_DEADLINE": "1000"}, now=400.0) == 600.0 - DEADLINE_RESERVE_S
+    assert deadline_budget(10.0, env={"KDBOOK_DEADLINE": "1000"}, now=400.0) == 10.0
+    assert deadline_budget(None, env={"KDBOOK_DEADLINE": "1000"}, now=999.0) == 0.0
+    with pytest.raises(ValueError, match="unix time"):
+        deadline_budget(None, env={"KDBOOK_DEADLINE": "tomorrow"})
+    plan = gpu_plan("quick")
+    assert [it.key[0] for it in plan if it.key is not None] == ["zoo-teacher"]  # the feature network is shared
+    assert profile_settings("quick")["g_steps"] * 0.1 < sum(it.seconds for it in plan)
+

@@ -172,3 +172,33 @@ def test_chapter_without_gan_sets_trains_the_zoo_then_says_what_is_missing(tmp_p
     stored = files(tmp_path / "results")
     assert any(f.startswith(f"{ZOO_NAME}/") for f in stored)  # the teachers do not need the synthetic images
     assert not any(f.startswith(f"{STUDENT_NAME}/") for f in stored)
+
+
+def test_quick_follows_appendix_b_and_holds_steps_fixed():
+    from kdbook.zoo import FIXED_STEPS, N_TRIALS, SYNTHETIC_SIZES, ZOO_DATA, student_recipe_for
+    t, s = teacher_recipe("quick"), student_recipe("quick")
+    assert (t.arch, s.arch, ZOO_DATA["quick"]["n_train"]) == ("resnet20", "resnet20", 10000)
+    assert SYNTHETIC_SIZES["quick"] == [0, 10000] and N_TRIALS["quick"] >= 2 and FIXED_STEPS["quick"]
+    n = ZOO_DATA["quick"]["n_train"]
+    steps = {size: student_recipe_for("quick", n, size).epochs * (n + size) for size in SYNTHETIC_SIZES["quick"]}
+    assert len(set(steps.values())) == 1, steps  # every synthetic size gets the same number of images (SGD steps)
+    assert student_recipe_for("paper", 50000, 50000).epochs == student_recipe("paper").epochs
+
+
+def test_baseline_students_are_shared_with_section_5_1(data, tmp_path, monkeypatch):
+    "§4.2's +0 students and §5.1's Baseline students: one store name, one key, one planned Item."
+    import kdbook.zoo as zoo_mod
+    from kdbook.zoo import baseline_items, baseline_students, fig1_students, gpu_plan, no_synthetic
+    train, test = data
+    store = Store(tmp_path / "results", verbose=False)
+    zoo = zoo_teachers(store, [0, 1, 2], train, test, TINY, device="cpu")
+    monkeypatch.setitem(zoo_mod.STUDENT_RECIPES, "smoke", TINY)
+    a = fig1_students(store, zoo, "ensemble", train, test, None, no_synthetic(), "smoke", 2, device="cpu")
+    b = baseline_students(store, zoo, train, test, "smoke", m=3, device="cpu")
+    assert [r["key"] for r in a] == [r["key"] for r in b]
+    assert store.counts[STUDENT_NAME]["computed"] == 2
+    assert {r["params"]["batch_seed"] for r in a} == {1000}
+    keys = {it.key for it in gpu_plan("quick") if it.key is not None}
+    assert baseline_items("51_augmentation", "quick", 1)[0].key in keys
+    with pytest.raises(ValueError, match="m = 1 and m = 3"):
+        baseline_items("51_augmentation", "quick", 5)
