@@ -156,7 +156,7 @@ def test_preface_coverage_table_matches_profiles_and_store():
     for n in (1, 2):
         assert f"Table {n}" in papers, f"coverage table lacks Table {n}"
     published = chapter_profiles(REPO, None)
-    stems = {Path(e).stem for e in _toc_entries() if not e.endswith("00_preface")}
+    stems = {Path(e).stem for e in _toc_entries() if e.startswith("chapters/") and not e.endswith("00_preface")}
     seen = set()
     for paper, _, chapter, at, status in rows:
         named = set(re.findall(r"`(\w+)`", chapter)) & stems
@@ -200,7 +200,8 @@ def test_the_reader_is_told_one_provenance_story():
     import re
     from build_book import chapter_profiles
     published = chapter_profiles(REPO, None)
-    owed = [nb.stem for nb in CHAPTERS if published(nb.stem) != "smoke"
+    # the Discussion reports the status of every other chapter ("owed" there is about their runs, not its own)
+    owed = [nb.stem for nb in CHAPTERS if published(nb.stem) != "smoke" and nb.stem != "70_discussion"
             and re.search(r"\b(?:is|are|run is|runs are) owed\b", nb.read_text())]
     assert not owed, f"chapters published at quick or paper that call their runs owed: {owed}"
     devices = " ".join(_device_records())
