@@ -120,6 +120,216 @@ def select(root: Path,  # the repository
     return [(s, profile or spec[s]["target"]) for s in chosen]
 
 
+# --- which cells a slice executes ----------------------------------------------------------------------------
+
+_DIRECTIVE = re.compile(r"^\s*#\|\s*([\w-]+)", re.M)
+_IPY_NAMES = {"get_ipython", "display", "In", "Out", "exit", "quit"}
+
+
+def _directives(src: str) -> set[str]:
+    return set(_DIRECTIVE.findall(src))
+
+
+def _python(src: str) -> str:
+    "A cell's source as plain Python (IPython's `!cmd`, `%magic` and `%%cell` syntax transformed or dropped)."
+    try:
+        from IPython.core.inputtransformer2 import TransformerManager
+        return TransformerManager().transform_cell(src)
+    except Exception:  # no IPython here: drop the lines Python cannot parse
+        return "\n".join("pass" if line.lstrip().startswith(("!", "%")) else line for line in src.splitlines())
+
+
+def _locals(fn) -> tuple[set[str], set[str]]:
+    "(local names, names declared global) of a function or lambda: its arguments and every name bound in its body."
+    import ast
+    a = fn.args
+    local = {x.arg for x in a.posonlyargs + a.args + a.kwonlyargs} | {x.arg for x in (a.vararg, a.kwarg) if x}
+    declared = set()
+    for node in ast.walk(fn) if not isinstance(fn, ast.Lambda) else ():
+        if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load):
+            local.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node is not fn:
+            local.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            local.update(x.asname or x.name.split(".")[0] for x in node.names)
+        elif isinstance(node, (ast.Global, ast.Nonlocal)):
+            declared.update(node.names)
+    return local - declared, declared
+
+
+def cell_names(src: str) -> tuple[set[str], set[str], bool]:
+    """(global names a cell binds or mutates, global names it reads, whether it has a `from x import *`).
+
+    Scopes are respected (a function's arguments and locals are not globals) and so is the order within the cell
+    (a name the cell assigns before it reads it is not read from an earlier cell); otherwise it over-approximates:
+    a global whose attribute or item is assigned (`store.verbose = False`) counts as bound and read, and a global
+    loaded in a function body counts as read where the function is defined."""
+    import ast
+    import builtins
+    try:
+        tree = ast.parse(_python(src))
+    except SyntaxError:
+        return set(), set(), False
+    binds, reads, star, defined = set(), set(), [False], set()
+
+    class Visit(ast.NodeVisitor):
+        def __init__(self):
+            self.scopes = []
+
+        def local(self, name):
+            return any(name in sc for sc in self.scopes)
+
+        def visit_Name(self, node):
+            if isinstance(node.ctx, ast.Load):
+                if not self.local(node.id) and node.id not in defined:
+                    reads.add(node.id)
+            elif not self.scopes:
+                binds.add(node.id)
+                defined.add(node.id)
+
+        def visit_Assign(self, node):  # the value is evaluated before the targets are bound
+            self.visit(node.value)
+            for t in node.targets:
+                self.visit(t)
+
+        def visit_AnnAssign(self, node):
+            if node.value is not None:
+                self.visit(node.value)
+            self.visit(node.annotation)
+            self.visit(node.target)
+
+        def visit_NamedExpr(self, node):
+            self.visit(node.value)
+            self.visit(node.target)
+
+        def visit_AugAssign(self, node):  # x += 1 reads x
+            self.visit(node.value)
+            if isinstance(node.target, ast.Name):
+                if not self.local(node.target.id):
+                    if node.target.id not in defined:
+                        reads.add(node.target.id)
+                    if not self.scopes:
+                        binds.add(node.target.id)
+            else:
+                self.visit(node.target)
+
+        def visit_For(self, node):
+            self.visit(node.iter)
+            self.visit(node.target)
+            for stmt in node.body + node.orelse:
+                self.visit(stmt)
+
+        visit_AsyncFor = visit_For
+
+        def _mutation(self, node):
+            if not isinstance(node.ctx, ast.Load):
+                root = node.value
+                while isinstance(root, (ast.Attribute, ast.Subscript)):
+                    root = root.value
+                if isinstance(root, ast.Name) and not self.local(root.id):
+                    binds.add(root.id)
+                    if root.id not in defined:
+                        reads.add(root.id)
+            self.generic_visit(node)
+
+        visit_Attribute = visit_Subscript = _mutation
+
+        def _function(self, node):
+            for d in getattr(node, "decorator_list", []):
+                self.visit(d)
+            for d in node.args.defaults + [x for x in node.args.kw_defaults if x is not None]:
+                self.visit(d)
+            if not self.scopes and not isinstance(node, ast.Lambda):
+                binds.add(node.name)
+                defined.add(node.name)
+            local, declared = _locals(node)
+            binds.update(declared)
+            self.scopes.append(local)
+            for stmt in (node.body if isinstance(node.body, list) else [node.body]):
+                self.visit(stmt)
+            self.scopes.pop()
+
+        visit_FunctionDef = visit_AsyncFunctionDef = visit_Lambda = _function
+
+        def visit_ClassDef(self, node):
+            for d in node.decorator_list + node.bases + [k.value for k in node.keywords]:
+                self.visit(d)
+            if not self.scopes:
+                binds.add(node.name)
+                defined.add(node.name)
+            self.scopes.append({n.id for stmt in node.body for n in ast.walk(stmt)
+                                if isinstance(n, ast.Name) and not isinstance(n.ctx, ast.Load)})
+            for stmt in node.body:
+                self.visit(stmt)
+            self.scopes.pop()
+
+        def _comprehension(self, node):
+            targets = {n.id for g in node.generators for n in ast.walk(g.target) if isinstance(n, ast.Name)}
+            self.visit(node.generators[0].iter)  # evaluated in the enclosing scope
+            self.scopes.append(targets)
+            for i, g in enumerate(node.generators):
+                if i:
+                    self.visit(g.iter)
+                for cond in g.ifs:
+                    self.visit(cond)
+            for part in ("elt", "key", "value"):
+                if getattr(node, part, None) is not None:
+                    self.visit(getattr(node, part))
+            self.scopes.pop()
+
+        visit_ListComp = visit_SetComp = visit_GeneratorExp = visit_DictComp = _comprehension
+
+        def _import(self, node):
+            for a in node.names:
+                if a.name == "*":
+                    star[0] = True
+                elif not self.scopes:
+                    name = a.asname or (a.name.split(".")[0] if isinstance(node, ast.Import) else a.name)
+                    binds.add(name)
+                    defined.add(name)
+
+        visit_Import = visit_ImportFrom = _import
+
+    Visit().visit(tree)
+    return binds, reads - set(dir(builtins)) - _IPY_NAMES, star[0]
+
+
+def computing_cells(nb: dict) -> list[int]:
+    """Indices of the code cells a slice executes: export cells, the `parameters` cell, `#| slow` cells (the
+    experiments) and, to a fixed point, every cell that binds a name one of those reads. The rest (nbdev's test
+    cells: `_`-prefixed names, `test_*` calls) is left out."""
+    code = [(i, c) for i, c in enumerate(nb["cells"]) if c.get("cell_type") == "code"]
+    src = {i: "".join(c["source"]) if isinstance(c["source"], list) else c["source"] for i, c in code}
+    names = {i: cell_names(src[i]) for i, _ in code}
+    kept = {i for i, c in code
+            if "parameters" in (c.get("metadata", {}).get("tags") or [])
+            or _directives(src[i]) & {"export", "exporti", "exports", "slow"}}
+    every_bind = set().union(*(names[i][0] for i, _ in code)) if code else set()
+    needed = set().union(*(names[i][1] for i in kept)) if kept else set()
+    changed = True
+    while changed:
+        changed = False
+        unresolved = needed - every_bind
+        for i, _ in code:
+            binds, reads, star = names[i]
+            if i not in kept and (binds & needed or (star and unresolved)):
+                kept.add(i)
+                needed |= reads
+                changed = True
+    return sorted(kept)
+
+
+def strip_tests(src: Path, dst: Path) -> tuple[int, int]:
+    "Write `src` without the code cells a slice need not execute (see computing_cells) to `dst`; (kept, dropped)."
+    nb = json.loads(src.read_text())
+    keep = set(computing_cells(nb))
+    n_code = sum(c.get("cell_type") == "code" for c in nb["cells"])
+    nb["cells"] = [c for i, c in enumerate(nb["cells"]) if c.get("cell_type") != "code" or i in keep]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    return len(keep), n_code - len(keep)
+
+
 # --- executing a chapter against a deadline -------------------------------------------------------------------
 
 def _children(pid: int) -> list[int]:
