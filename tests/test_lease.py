@@ -160,7 +160,7 @@ def killed(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, str(first / "tools" / "owed.py"), "run", "--budget-min", "9", "--out",
                              str(out), "--chapters", STEM, "--export-every-s", "2", "--root", str(first)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "KDBOOK_TEST_EPOCH_SLEEP": "1.5"})
+                            env={**os.environ, "KDBOOK_TEST_EPOCH_SLEEP": "1"})
     student_ckpt = lambda m: any(f.startswith("data/checkpoints/partial/tiny-student-") for f in m["files"])
     manifest = wait_for(out, student_ckpt, proc)
     kill_tree(proc)

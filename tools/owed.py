@@ -2,26 +2,30 @@
 """The owed GPU work of the book, in time-boxed slices that add up (`make gpu`, `make gpu-import`).
 
     python tools/owed.py run --budget-min 8 --out DIR [--chapters a,b] [--profile P] [--kernel kdbook]
-    python tools/owed.py import ARCHIVE          # a folder written by `run`, or its .tar.gz
+                             [--export-every-s 60] [--grace-s 20] [--all-cells]
+    python tools/owed.py import ARCHIVE          # a folder written by `run`, or one of its .tar.gz
     python tools/owed.py execute CHAPTER --profile P   # one chapter, no deadline (the sweep's job)
 
-`run` executes, in _toc.yml order, every chapter whose `target` profile in profiles.yml is not its
-`published` one (or the chapters named), with papermill at the target profile (kernel `kdbook`, cwd
-chapters/, so `../results` is this repository's store), its output streamed with a `[chapter]`
-prefix. Each chapter gets the budget that is left as its timeout; at the deadline its kernel's
-process groups get SIGTERM, then SIGKILL. Records and checkpoints are written atomically, so a stopped
-chapter leaves its resumable checkpoints (Store.resume_path) and nothing half-written. Then every file
-under results/ and data/checkpoints/partial/ that is new or changed since the start (sha256 snapshot)
-goes into a .tar.gz (split into parts of at most 16 MB) in --out, beside manifest.json (revision,
-device, torch, chapters done / partial / failed / not started with their seconds, the sha256 of every
-archived file and of every part) and papermill.log. At most 8 files are written.
+`run` checks first that the kernel exists and that --out is an empty, writable folder with room, then
+executes, in _toc.yml order, every chapter whose `target` profile in profiles.yml is not its `published`
+one (or the chapters named), with papermill at the target profile (cwd chapters/, so `../results` is this
+repository's store), its output streamed with a `[chapter]` prefix. Only the cells that compute run
+(computing_cells: export, parameters and `#| slow` cells and what they read; not the test cells). The kernel
+gets KDBOOK_DEADLINE (unix seconds): the budget less the final stop and export. At the deadline, or on Ctrl-C
+/ SIGTERM to this process, the chapter's process groups get SIGTERM, a grace period for checkpoints, then
+SIGKILL. After every chapter and every --export-every-s seconds, every file under results/ and
+data/checkpoints/partial/ that differs from the committed store goes into --out (Exporter: a .tar.gz in at
+most 6 parts of 16 MB under two alternating names, manifest.json written last, papermill.log), so a command
+killed at any instant returns everything finished by the last export. The manifest holds the revision,
+device, torch, chapters with their status and seconds, every file's sha256 and a `ledger` of the lease's
+minutes (setup, probe, training, export) and what finished / is partial / is owed.
 
-`import` verifies the manifest, every part's and every file's sha256, every record's own checksum and
-every stored weight file against its record, then merges all or nothing: identical files are kept, a
-different record (or weight file) under the same key is refused, partial checkpoints go to
-data/checkpoints/partial/, and a chapter completed at its target gets `published: <target>` in
-profiles.yml. An archive from another code revision is accepted with a warning: each record carries
-the revision that computed it.
+`import` verifies the manifest, every part's and every file's sha256, every record's own checksum, every
+checkpoint, that every record's weights are in the archive or here, then merges all or nothing (disk space
+checked first): identical files are kept, a different record (or weight file) under the same key is refused,
+the further of two checkpoints is kept, and a chapter completed at its target whose records at that profile
+are in the store gets `published: <target>` in profiles.yml. An archive from another code revision is
+accepted with a warning (each record carries the revision that computed it), from a dirty tree loudly.
 """
 from __future__ import annotations
 
@@ -754,8 +758,9 @@ def run_slice(root: Path, budget_s: float, out: Path, chapters: list[str] | None
     def manifest_now() -> dict:
         now = time.time()
         rows = [dict(e) for e in entries]
-        if current["i"] is not None:
-            rows[current["i"]].update(status="running", seconds=now - current["t0"])
+        if current["i"] is not None:  # its experiment cells so far, from the notebook papermill keeps saving
+            rows[current["i"]].update(status="running", seconds=now - current["t0"], train_s=experiment_seconds(
+                work / "executed" / f"{rows[current['i']]['chapter']}.ipynb", now))
         by = lambda *states: [e["chapter"] for e in rows if e["status"] in states]
         train = sum(e["train_s"] for e in rows)
         ledger = {"lease_min": round(float(os.environ.get("KDBOOK_LEASE_MIN", budget_s / 60)), 3),
