@@ -201,7 +201,8 @@ def test_the_killed_lease_resumes_to_the_uninterrupted_record(killed):
     assert (killed["ref"] / "test-cell-ran").exists() and not (killed["first"] / "test-cell-ran").exists()
 
 
-def test_sigterm_to_the_queue_stops_the_kernel_and_exports(tmp_path):
+@pytest.mark.parametrize("sig, rc", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "Ctrl-C"])
+def test_stopping_the_queue_stops_the_kernel_and_exports(tmp_path, sig, rc):
     clone = make_clone(tmp_path / "clone")
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(clone / "tools" / "owed.py"), "run", "--budget-min", "9", "--out",
@@ -210,9 +211,9 @@ def test_sigterm_to_the_queue_stops_the_kernel_and_exports(tmp_path):
                             env={**os.environ, "KDBOOK_TEST_EPOCH_SLEEP": "2"})
     wait_for(out, lambda m: any(f.startswith("data/checkpoints/partial/tiny-teacher-") for f in m["files"]), proc)
     kids = owed_tool._children(proc.pid)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     stdout, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 143, stdout[-3000:]
+    assert proc.returncode == rc, stdout[-3000:]
     assert not [p for p in kids if owed_tool._alive(p)], "a chapter process outlived the queue"
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["final"] is True and manifest["chapters"][0]["status"] == "partial"
@@ -401,3 +402,10 @@ def test_a_real_chapter_without_its_tests_stores_the_same_records(built_book, tm
     assert sorted(mine) == sorted(full)
     for rel in full:
         assert without_times(mine[rel]) == without_times(full[rel]), f"{rel} differs from the full run's"
+
+
+def test_the_queue_checks_the_disk_before_running(tmp_path, monkeypatch):
+    real = shutil.disk_usage
+    monkeypatch.setattr(owed_tool.shutil, "disk_usage", lambda p: real(p)._replace(free=10 * 2**20))
+    with pytest.raises(owed_tool.OwedError, match="only 10 MiB free"):
+        owed_tool.check_out(tmp_path / "out")

@@ -269,7 +269,8 @@ def test_a_failed_chapter_exits_nonzero_with_its_cause(tmp_path):
 
 def test_make_targets_report_bad_input():
     for args, msg in [(["gpu", "BUDGET_MIN=0"], "budget must be > 0"), (["gpu", "CHAPTERS=nope"], "unknown chapter"),
-                      (["gpu-import"], "give ARCHIVE="), (["gpu-import", "ARCHIVE=/nonexistent"], "no such archive")]:
+                      (["gpu-import"], "give ARCHIVE="), (["gpu-import", "ARCHIVE=/nonexistent"], "no such archive"),
+                      (["lease", "BUDGET_MIN=12"], "BUDGET_MIN must be in (0, 9.5]")]:
         res = subprocess.run(["make", "-s", "-C", str(REPO), *args], capture_output=True, text=True, timeout=120)
         assert res.returncode != 0 and msg in res.stderr, (args, res.stderr)
 
