@@ -728,6 +728,12 @@ def run_slice(root: Path, budget_s: float, out: Path, chapters: list[str] | None
         raise OwedError(f"the budget must be > 0 minutes, got {budget_s / 60:g}")
     if not export_every_s > 0:
         raise OwedError(f"--export-every-s must be > 0, got {export_every_s:g}")
+    if not 0 <= grace_s <= 300:
+        raise OwedError(f"--grace-s must be between 0 and 300 seconds, got {grace_s:g}")
+    reserve = grace_s + 15.0  # the last stop and export
+    if budget_s <= reserve + 10:
+        raise OwedError(f"a budget of {budget_s:.0f} s leaves no time to work: {reserve:.0f} s are kept for the last "
+                        f"stop ({grace_s:g} s grace) and export; give more than {(reserve + 10) / 60:.1f} minutes")
     todo = select(root, chapters, profile)
     check_kernel(kernel)
     check_out(out)
@@ -737,7 +743,6 @@ def run_slice(root: Path, budget_s: float, out: Path, chapters: list[str] | None
     if os.environ.get("KDBOOK_GIT_REV") and os.environ.get("KDBOOK_GIT_DIRTY") in ("0", "1"):
         dirty = os.environ["KDBOOK_GIT_DIRTY"] == "1"
     t_start = time.time()
-    reserve = grace_s + 15.0  # the last stop and export
     deadline = t_start + budget_s - reserve
     work = Path(tempfile.mkdtemp(prefix="kdbook-owed-"))
     log_path = work / "papermill.log"
