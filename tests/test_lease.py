@@ -3,6 +3,8 @@
 The queue runs the tiny chapter of test_queue.py (a LeNet-5 teacher and student through the real engine and store)
 in temporary clones; the import checks use archives written by the queue's own exporter from hand-made stores.
 """
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -10,8 +12,10 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -201,8 +205,8 @@ def test_the_killed_lease_resumes_to_the_uninterrupted_record(killed):
     assert (killed["ref"] / "test-cell-ran").exists() and not (killed["first"] / "test-cell-ran").exists()
 
 
-@pytest.mark.parametrize("sig, rc", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "Ctrl-C"])
-def test_stopping_the_queue_stops_the_kernel_and_exports(tmp_path, sig, rc):
+def test_stopping_the_queue_stops_the_kernel_and_exports(tmp_path, sig=signal.SIGTERM, rc=143):
+    "SIGTERM to the queue (Ctrl-C takes the same path: KeyboardInterrupt instead of Stopped, exit 130)."
     clone = make_clone(tmp_path / "clone")
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, str(clone / "tools" / "owed.py"), "run", "--budget-min", "9", "--out",
@@ -251,8 +255,25 @@ def teacher(root: Path, profile="quick", value=1.0):
     return rec
 
 
+def repo_root(tmp: Path) -> Path:
+    "What an import reads of a repository (profiles.yml with the tiny chapter, _toc.yml, results/), no git."
+    root = tmp
+    (root / "results").mkdir(parents=True)
+    shutil.copy(REPO / "_toc.yml", root / "_toc.yml")
+    plan = (REPO / "profiles.yml").read_text().rstrip("\n")
+    (root / "profiles.yml").write_text(plan + f"\n  {STEM}: {{published: smoke, target: quick, stores: [tiny-teacher, tiny-student]}}\n")
+    return root
+
+
 def imp(root: Path, arc: Path, check=False):
-    return owed(root, "import", str(arc), check=check)
+    "`owed.py import` in this process (no interpreter start-up): returncode, stdout, stderr."
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = owed_tool.main(["import", str(arc), "--root", str(root)])
+    res = SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+    assert not check or rc == 0, res.stderr
+    return res
 
 
 def test_import_keeps_the_furthest_checkpoint(tmp_path):
@@ -260,7 +281,7 @@ def test_import_keeps_the_furthest_checkpoint(tmp_path):
     ckpt = src / "data" / "checkpoints" / "partial" / "tiny-student-0123456789abcdef.pt"
     save_checkpoint(ckpt, {"epoch": 2, "models": []})
     arc = archive(tmp_path, src)
-    dest = make_clone(tmp_path / "dest")
+    dest = repo_root(tmp_path / "dest")
     mine = dest / "data" / "checkpoints" / "partial" / ckpt.name
     save_checkpoint(mine, {"epoch": 5, "models": []})
     before = mine.read_bytes()
@@ -275,7 +296,7 @@ def test_import_keeps_the_furthest_checkpoint(tmp_path):
 def test_import_refuses(tmp_path, bad):
     src = store_root(tmp_path, "src")
     rec = teacher(src)
-    dest = make_clone(tmp_path / "dest")
+    dest = repo_root(tmp_path / "dest")
     if bad == "not_a_record":
         (src / "results" / "notes.txt").write_text("hello")
         msg = "results/notes.txt: not a record"
@@ -300,7 +321,7 @@ def test_import_refuses(tmp_path, bad):
 
 
 def test_publication_needs_records_at_that_profile(tmp_path):
-    dest = make_clone(tmp_path / "dest")
+    dest = repo_root(tmp_path / "dest")
     plan = (dest / "profiles.yml").read_text()
     entry = lambda stem: {"chapter": stem, "profile": "quick", "target": "quick", "status": "done", "seconds": 1}
     # a chapter that stores nothing of its own (61_train_agreement) is never published by an import
@@ -311,7 +332,7 @@ def test_publication_needs_records_at_that_profile(tmp_path):
     assert f"published: {STEM} at quick" in res.stdout  # tiny-teacher is one of its stores, computed at quick
     assert "61_train_agreement: {published: smoke" in (dest / "profiles.yml").read_text()
     # records computed at smoke do not publish a chapter at quick
-    dest2 = make_clone(tmp_path / "dest2")
+    dest2 = repo_root(tmp_path / "dest2")
     src2 = store_root(tmp_path, "src2")
     teacher(src2, profile="smoke")
     res = imp(dest2, archive(tmp_path, src2, [entry(STEM)], out_name="a2"), check=True)
@@ -322,7 +343,7 @@ def test_publication_needs_records_at_that_profile(tmp_path):
 def test_a_dirty_archive_is_flagged_loudly(tmp_path):
     src = store_root(tmp_path, "src")
     teacher(src)
-    dest = make_clone(tmp_path / "dest")
+    dest = repo_root(tmp_path / "dest")
     res = imp(dest, archive(tmp_path, src, dirty=True), check=True)
     assert "WARNING" in res.stderr and "DIRTY" in res.stderr
 
@@ -349,7 +370,7 @@ def test_an_archive_cut_between_two_exports_imports_the_earlier_one(tmp_path):
         shutil.copy(out / p["name"], cut / p["name"])
     assert len(list(out.iterdir())) <= 8 and not (out / first["parts"][0]["name"]).exists()
     for arc, n in ((cut, 2), (out, 4)):
-        dest = make_clone(tmp_path / f"dest-{arc.name}")
+        dest = repo_root(tmp_path / f"dest-{arc.name}")
         res = imp(dest, arc, check=True)
         assert f"{n} files written" in res.stdout, res.stdout
 
@@ -369,7 +390,7 @@ def test_an_import_on_a_full_disk_writes_nothing(tmp_path, monkeypatch):
     src = store_root(tmp_path, "src")
     teacher(src)
     arc = archive(tmp_path, src)
-    dest = make_clone(tmp_path / "dest")
+    dest = repo_root(tmp_path / "dest")
     before = tree(dest)
     real = shutil.disk_usage
     monkeypatch.setattr(owed_tool.shutil, "disk_usage",
