@@ -430,3 +430,18 @@ def test_the_queue_checks_the_disk_before_running(tmp_path, monkeypatch):
     monkeypatch.setattr(owed_tool.shutil, "disk_usage", lambda p: real(p)._replace(free=10 * 2**20))
     with pytest.raises(owed_tool.OwedError, match="only 10 MiB free"):
         owed_tool.check_out(tmp_path / "out")
+
+
+def test_a_second_benchmark_record_is_kept_beside_the_first(tmp_path):
+    src = store_root(tmp_path, "src")
+    (src / "results" / "benchmarks").mkdir()
+    (src / "results" / "benchmarks" / "cuda-h200.json").write_text('{"format": 2, "rows": [1]}')
+    dest = repo_root(tmp_path / "dest")
+    (dest / "results" / "benchmarks").mkdir()
+    (dest / "results" / "benchmarks" / "cuda-h200.json").write_text('{"format": 2, "rows": [0]}')
+    arc = archive(tmp_path, src)
+    res = imp(dest, arc, check=True)
+    beside = [p.name for p in (dest / "results" / "benchmarks").glob("cuda-h200-*.json")]
+    assert len(beside) == 1 and "this one goes to" in res.stdout
+    assert json.loads((dest / "results" / "benchmarks" / "cuda-h200.json").read_text())["rows"] == [0]
+    assert "0 files written" in imp(dest, arc, check=True).stdout  # imported once

@@ -1053,6 +1053,15 @@ def _verify(staging: Path, root: Path, manifest: dict, store) -> tuple[list, lis
                   "(stale, corrupt, or its weights were missing)", flush=True)
             write.append(rel)
             continue
+        if kind == "benchmark":  # another measurement on a device of the same name: kept beside the first
+            new = f"{rel[:-len('.json')]}-{files[rel][:12]}.json"
+            if (root / new).exists() and sha256_file(root / new) == files[rel]:
+                kept.append(rel)
+                continue
+            (staging / rel).rename(staging / new)
+            print(f"import: {rel} exists with another measurement: this one goes to {new}", flush=True)
+            write.append(new)
+            continue
         if kind == "record":
             name, key = rel.split("/")[1], rel.split("/")[2][:-5]
             problem = _record_problem(dest, store, name, key)
