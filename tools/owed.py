@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import hashlib
 import io
 import json
@@ -137,6 +138,8 @@ def _directives(src: str) -> set[str]:
 
 def _python(src: str) -> str:
     "A cell's source as plain Python (IPython's `!cmd`, `%magic` and `%%cell` syntax transformed or dropped)."
+    if not re.search(r"^\s*[!%]|\?\s*$", src, re.M):
+        return src
     try:
         from IPython.core.inputtransformer2 import TransformerManager
         return TransformerManager().transform_cell(src)
@@ -164,7 +167,8 @@ def _locals(fn) -> tuple[set[str], set[str]]:
     return local - declared, declared
 
 
-def cell_names(src: str) -> tuple[set[str], set[str], bool]:
+@functools.lru_cache(maxsize=4096)
+def cell_names(src: str) -> tuple[frozenset[str], frozenset[str], bool]:
     """(global names a cell binds or mutates, global names it reads, whether it has a `from x import *`).
 
     Scopes are respected (a function's arguments and locals are not globals) and so is the order within the cell
@@ -176,7 +180,7 @@ def cell_names(src: str) -> tuple[set[str], set[str], bool]:
     try:
         tree = ast.parse(_python(src))
     except SyntaxError:
-        return set(), set(), False
+        return frozenset(), frozenset(), False
     binds, reads, star, defined = set(), set(), [False], set()
 
     class Visit(ast.NodeVisitor):
@@ -307,7 +311,7 @@ def cell_names(src: str) -> tuple[set[str], set[str], bool]:
         visit_Import = visit_ImportFrom = _import
 
     Visit().visit(tree)
-    return binds, reads - set(dir(builtins)) - _IPY_NAMES, star[0]
+    return frozenset(binds), frozenset(reads - set(dir(builtins)) - _IPY_NAMES), star[0]
 
 
 def computing_cells(nb: dict) -> list[int]:
