@@ -23,7 +23,7 @@ TEST_HASH := $(shell cat requirements.txt requirements-test.txt pyproject.toml |
 BOOK_STAMP := $(VENV)/.kdbook-book-$(BOOK_HASH)
 TEST_STAMP := $(VENV)/.kdbook-test-$(TEST_HASH)
 
-.PHONY: book test setup setup-test clean environment nbdev-test-only pytest-only gpu gpu-import sweep
+.PHONY: book test setup setup-test clean environment nbdev-test-only pytest-only gpu gpu-import sweep lease
 
 book: $(BOOK_STAMP)
 	$(BIN)/python tools/build_book.py $(if $(PROFILE),--profile $(PROFILE)) $(ARGS)
@@ -70,12 +70,17 @@ clean:
 #                                                  export new records/weights/checkpoints into OUT (<= 8 files)
 #   make gpu-import ARCHIVE=dir-or-tarball         verify and merge an archive written by make gpu
 #   make sweep PROFILE=paper EXECUTOR=slurm|local  one submitit job per owed chapter, no deadline
+#   make lease BUDGET_MIN=9 [CHAPTERS=a,b] [PROFILE=p] [PROBE='cmd'] [DATASETS=CIFAR100-JPEG,MNIST]
+#                                                  prepare .bundle/ (datasets, wheels) here and print the one
+#                                                  command + carry list to run on a borrowed GPU machine
 PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 BUDGET_MIN ?= 8
 CHAPTERS ?=
 OUT ?= _build/owed
 ARCHIVE ?=
 EXECUTOR ?= local
+PROBE ?=
+DATASETS ?=
 
 gpu:
 	$(PY) tools/owed.py run --budget-min $(BUDGET_MIN) --out $(OUT) $(if $(CHAPTERS),--chapters $(CHAPTERS)) $(if $(PROFILE),--profile $(PROFILE))
@@ -86,3 +91,6 @@ gpu-import:
 
 sweep:
 	$(PY) tools/sweep.py --executor $(EXECUTOR) $(if $(PROFILE),--profile $(PROFILE)) $(if $(CHAPTERS),--chapters $(CHAPTERS))
+
+lease:
+	$(PY) tools/lease.py --budget-min $(BUDGET_MIN) $(if $(CHAPTERS),--chapters $(CHAPTERS)) $(if $(PROFILE),--profile $(PROFILE)) $(if $(PROBE),--probe '$(PROBE)') $(if $(DATASETS),--datasets $(DATASETS))

@@ -25,12 +25,15 @@ results_dir = "../results"
 data_dir = "../data"
 seed = 0
 '''
-BODY = '''import os, time
+BODY = '''#| slow
+import os, time
 import torch
 from kdbook.data import ImageSet
 from kdbook.store import Store
 from kdbook.train import TrainConfig, distill, fit, make_model
 
+if os.environ.get("KDBOOK_TEST_FAIL"):
+    raise ValueError("tiny: asked to fail")
 store = Store(results_dir, checkpoints_dir=f"{data_dir}/checkpoints", verbose=False, profile=profile)
 g = torch.Generator().manual_seed(0)
 data = ImageSet(torch.randint(0, 256, (64, 1, 28, 28), generator=g, dtype=torch.uint8), torch.arange(64) % 10,
@@ -50,13 +53,23 @@ print(store.summary())
 '''
 
 
+# an nbdev test cell: a slice leaves it out (it would leave this marker file beside the chapters)
+TEST_CELL = '''_rec = store.load("tiny-student", s_params, seed)
+assert _rec is not None
+open("../test-cell-ran", "w").write("yes")
+'''
+
+
 def make_clone(dest: Path) -> Path:
     "A git clone of this repository with the tiny chapter added (toc + profiles.yml: published smoke, target quick)."
     subprocess.run(["git", "clone", "-q", str(REPO), str(dest)], check=True)
+    for sub in ("tools", "kdbook"):  # the code under test is this working tree's, committed or not
+        shutil.copytree(REPO / sub, dest / sub, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
     nb = nbformat.v4.new_notebook()
     params = nbformat.v4.new_code_cell(PARAMS)
     params.metadata["tags"] = ["parameters"]
-    nb.cells = [nbformat.v4.new_markdown_cell("# Tiny"), params, nbformat.v4.new_code_cell(BODY)]
+    nb.cells = [nbformat.v4.new_markdown_cell("# Tiny"), params, nbformat.v4.new_code_cell(BODY),
+                nbformat.v4.new_code_cell(TEST_CELL)]
     nb.metadata["kernelspec"] = {"name": "kdbook", "display_name": "kdbook", "language": "python"}
     nbformat.write(nb, dest / "chapters" / f"{STEM}.ipynb")
     toc = (dest / "_toc.yml").read_text().rstrip("\n") + f"\n      - file: chapters/{STEM}\n"
@@ -98,10 +111,10 @@ def slices(tmp_path_factory):
     "Reference: an uninterrupted slice. Then a slice stopped by its budget, exported, imported into a fresh clone, resumed."
     tmp = tmp_path_factory.mktemp("queue")
     ref = make_clone(tmp / "ref")
-    owed(ref, "run", "--budget-min", "10", "--out", str(tmp / "ref-out"), "--chapters", STEM)
+    owed(ref, "run", "--budget-min", "10", "--out", str(tmp / "ref-out"), "--chapters", STEM, "--all-cells")
     first = make_clone(tmp / "first")
-    stopped = owed(first, "run", "--budget-min", "0.5", "--out", str(tmp / "out1"), "--chapters", STEM,
-                   env={"KDBOOK_TEST_EPOCH_SLEEP": "4"})
+    stopped = owed(first, "run", "--budget-min", "1", "--out", str(tmp / "out1"), "--chapters", STEM,
+                   "--export-every-s", "5", "--grace-s", "5", env={"KDBOOK_TEST_EPOCH_SLEEP": "4"})
     fresh = make_clone(tmp / "fresh")
     imported = owed(fresh, "import", str(tmp / "out1"))
     resumed = owed(fresh, "run", "--budget-min", "10", "--out", str(tmp / "out2"), "--chapters", STEM)
@@ -113,11 +126,15 @@ def test_slice_stopped_by_budget_exports_its_checkpoint(slices):
     manifest = json.loads((out / "manifest.json").read_text())
     (entry,) = manifest["chapters"]
     assert entry["chapter"] == STEM and entry["profile"] == "quick" and entry["status"] == "partial", slices["stopped"].stdout
-    assert entry["seconds"] <= 0.5 * 60 + 30  # stopped at the deadline (plus the grace period)
+    assert entry["seconds"] <= 60  # stopped at the deadline, export included in the budget
     partial = [f for f in manifest["files"] if f.startswith("data/checkpoints/partial/")]
     assert partial, f"a stopped run must leave its resumable checkpoint: {manifest['files']}"
     assert len(list(out.iterdir())) <= 8 and all(p.stat().st_size <= 16_000_000 for p in out.iterdir())
-    assert {"git_rev", "dirty", "torch", "device", "files", "parts"} <= set(manifest)
+    assert {"git_rev", "dirty", "torch", "device", "files", "parts", "ledger"} <= set(manifest)
+    led = manifest["ledger"]
+    assert led["partial"] == [STEM] and led["owed"] == [STEM] and led["finished"] == []
+    assert 0 < led["training_min"] <= led["elapsed_min"] <= led["slice_min"] == 1.0
+    assert not (slices["first"] / "test-cell-ran").exists(), "a slice must leave the test cells out"
     assert "partial" in slices["stopped"].stdout and "owed 1" in slices["stopped"].stdout
     assert not any(p.name.endswith(".tmp") for p in (slices["first"] / "results").rglob("*"))
 
@@ -145,6 +162,8 @@ def test_import_then_resume_gives_the_uninterrupted_record(slices):
     assert tree(target) == tree(fresh)
     again = owed(target, "import", str(slices["tmp"] / "out2"))  # identical records are kept
     assert "0 files written" in again.stdout and tree(target) == tree(fresh)
+    # the uninterrupted reference ran the test cell (--all-cells), the slices did not
+    assert (slices["ref"] / "test-cell-ran").exists() and not (fresh / "test-cell-ran").exists()
 
 
 def test_import_refuses_a_conflicting_record(slices):
@@ -167,7 +186,7 @@ def test_import_refuses_a_corrupt_archive(slices, damage, tmp_path):
     target = make_clone(tmp_path / "clone")
     archive = tmp_path / "archive"
     shutil.copytree(slices["tmp"] / "out2", archive)
-    part = archive / "owed.tar.gz"
+    part = archive / json.loads((archive / "manifest.json").read_text())["parts"][0]["name"]
     if damage == "truncate":
         part.write_bytes(part.read_bytes()[: part.stat().st_size // 2])
     elif damage == "flip":
@@ -199,12 +218,20 @@ def test_import_refuses_entries_outside_the_store(tmp_path):
 
 
 def test_bad_queue_input(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "manifest.json").write_text("{}")
+    run = ["run", "--budget-min", "1", "--chapters", "a3_training", "--out"]
     for args, msg in [(["run", "--budget-min", "0", "--out", str(tmp_path / "o")], "budget must be > 0"),
                       (["run", "--budget-min", "-1", "--out", str(tmp_path / "o")], "budget must be > 0"),
                       (["run", "--budget-min", "1", "--out", str(tmp_path / "o"), "--chapters", "nope"], "unknown chapter"),
-                      (["run", "--budget-min", "1", "--out", str(tmp_path / "o"), "--profile", "fast"], "unknown profile")]:
+                      (["run", "--budget-min", "1", "--out", str(tmp_path / "o"), "--profile", "fast"], "unknown profile"),
+                      ([*run, str(tmp_path / "o"), "--kernel", "nosuch"], "no Jupyter kernel 'nosuch'"),
+                      ([*run, str(tmp_path / "file")], "is an existing file"),
+                      ([*run, str(tmp_path / "full")], "is not empty"),
+                      ([*run, str(tmp_path / "file" / "sub")], "not writable")]:
         res = owed(REPO, *args, check=False)
-        assert res.returncode == 2 and msg in res.stderr, res.stderr
+        assert res.returncode == 2 and msg in res.stderr, (args, res.stderr)
     assert not (tmp_path / "o").exists()
 
 
@@ -220,11 +247,30 @@ def test_sweep_local_at_smoke_and_no_slurm(tmp_path):
     if shutil.which("sinfo") is None:
         res = subprocess.run([*cmd[:3], "slurm", *cmd[4:]], capture_output=True, text=True, timeout=120)
         assert res.returncode == 2 and "no SLURM" in res.stderr
+    for extra, msg in [(["--folder", str(clone / "Makefile")], "is an existing file"),
+                       (["--timeout-min", "0"], "--timeout-min must be a positive number")]:
+        res = subprocess.run([*cmd, *extra], capture_output=True, text=True, timeout=120)
+        assert res.returncode == 2 and msg in res.stderr, res.stderr
+    # a failed job: the sweep names the chapter's own error, not only where its log is
+    res = subprocess.run([*cmd[:-1], str(tmp_path / "sweep2")], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "KDBOOK_TEST_FAIL": "1"})
+    assert res.returncode == 1 and "ValueError: tiny: asked to fail" in res.stdout, res.stdout + res.stderr
+
+
+def test_a_failed_chapter_exits_nonzero_with_its_cause(tmp_path):
+    clone = make_clone(tmp_path / "clone")
+    res = owed(clone, "run", "--budget-min", "5", "--out", str(tmp_path / "out"), "--chapters", STEM, check=False,
+               env={"KDBOOK_TEST_FAIL": "1"})
+    assert res.returncode == 1 and f"failed: {STEM}" in res.stderr, res.stdout[-2000:] + res.stderr
+    assert "ValueError: tiny: asked to fail" in res.stdout
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["chapters"][0]["status"] == "failed" and manifest["ledger"]["failed"] == [STEM]
 
 
 def test_make_targets_report_bad_input():
     for args, msg in [(["gpu", "BUDGET_MIN=0"], "budget must be > 0"), (["gpu", "CHAPTERS=nope"], "unknown chapter"),
-                      (["gpu-import"], "give ARCHIVE="), (["gpu-import", "ARCHIVE=/nonexistent"], "no such archive")]:
+                      (["gpu-import"], "give ARCHIVE="), (["gpu-import", "ARCHIVE=/nonexistent"], "no such archive"),
+                      (["lease", "BUDGET_MIN=12"], "BUDGET_MIN must be in (0, 9.5]")]:
         res = subprocess.run(["make", "-s", "-C", str(REPO), *args], capture_output=True, text=True, timeout=120)
         assert res.returncode != 0 and msg in res.stderr, (args, res.stderr)
 

@@ -437,6 +437,43 @@ def records_summary(results_dir: Path, before: dict) -> str:
     return "\n".join(lines)
 
 
+def unpack_vendor(book: Path) -> Path:
+    """The vendored JS (MathJax, RequireJS, the widget manager) is committed compressed, as `book/vendor.tar.xz`
+    (it need not travel uncompressed with every copy of the tree); unpack it into the git-ignored
+    `book/static/vendor/` when that copy is missing or from another tarball, and check the files the pages load."""
+    import hashlib
+    import tarfile
+    archive, dest = book / "vendor.tar.xz", book / "static" / "vendor"
+    if archive.exists():
+        stamp = dest / f".unpacked-{hashlib.sha256(archive.read_bytes()).hexdigest()[:16]}"
+        if not stamp.exists():
+            tmp = book / "static" / ".vendor-unpacking"
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                with tarfile.open(archive, "r:xz") as tar:
+                    tar.extractall(tmp, filter="data")
+            except (tarfile.TarError, EOFError, OSError) as err:
+                raise BuildError(f"{archive} cannot be unpacked ({err}): restore it with `git checkout -- {archive}`") from None
+            dest.mkdir(parents=True, exist_ok=True)
+            for old in dest.glob(".unpacked-*"):
+                old.unlink()
+            for entry in tmp.iterdir():
+                target = dest / entry.name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+                entry.rename(target)
+            tmp.rmdir()
+            stamp.touch()
+    missing = [f for f in ("mathjax/tex-mml-chtml.js", "requirejs/require.js", "html-manager/embed-amd.js",
+                           "require-config.js") if not (dest / f).is_file()]
+    if missing:
+        raise BuildError(f"vendored JS missing in {dest}: {', '.join(missing)}; delete {dest} except README.md and "
+                         f"build again (it is unpacked from {archive})")
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default=None, choices=PROFILES,
@@ -478,6 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
     try:
+        if (root / "book").is_dir():
+            unpack_vendor(root / "book")
         profile_of = chapter_profiles(root, args.profile)
         paths = [resolve(root, e) for e in entries]
         notebooks = [p for p in paths if p.suffix == ".ipynb"]
@@ -510,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copy2(root / name, staging / name)
     (staging / "_toc.yml").write_text(yaml.safe_dump(toc, sort_keys=False))
     if (root / "book").is_dir():
-        shutil.copytree(root / "book", staging / "book", ignore=shutil.ignore_patterns("node_modules"))
+        shutil.copytree(root / "book", staging / "book", ignore=shutil.ignore_patterns("node_modules", "vendor.tar.xz"))
     logs = build / "logs"
     logs.mkdir(parents=True, exist_ok=True)
 

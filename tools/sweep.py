@@ -45,10 +45,36 @@ def executor_for(kind: str,  # "local" or "slurm"
     raise OwedError(f"unknown executor {kind!r}: use local or slurm")
 
 
+def failure_cause(job, err: Exception) -> str:
+    "Why a job failed, in one line: the chapter's own error as `owed.py execute` reported it, else the job's last words."
+    texts = []
+    for get in ("stderr", "stdout"):
+        try:
+            texts.append(getattr(job, get)() or "")
+        except Exception:  # no log (the job never started)
+            pass
+    texts.append(str(err))
+    for text in texts:
+        for line in reversed(text.splitlines()):
+            if line.startswith("error: "):
+                return line[len("error: "):].strip()
+    lines = [line.strip() for text in texts for line in text.splitlines() if line.strip()]
+    return (lines[-1] if lines else repr(err)) + f" (logs in {getattr(job, 'paths', None) and job.paths.folder})"
+
+
+def check_args(folder: Path, timeout_min: int):
+    "Clear errors for a --folder that is a file and a --timeout-min that is not a positive number of minutes."
+    if folder.exists() and not folder.is_dir():
+        raise OwedError(f"--folder {folder} is an existing file: give a folder for submitit's logs (it is created)")
+    if not timeout_min > 0:
+        raise OwedError(f"--timeout-min must be a positive number of minutes (one job's wall-clock limit), got {timeout_min}")
+
+
 def sweep(root: Path, kind: str, profile: str | None, chapters: list | None, folder: Path, timeout_min: int,
           partition: str | None = None, gpus: int = 1) -> list[tuple[str, str, str]]:
     "Submit one job per owed chapter and wait: [(chapter, profile, 'done' | 'failed: ...')]."
     import submitit
+    check_args(folder, timeout_min)
     todo = select(root, chapters, profile)
     ex = executor_for(kind, folder, timeout_min, partition, gpus)
     jobs, results = [], []
@@ -57,8 +83,8 @@ def sweep(root: Path, kind: str, profile: str | None, chapters: list | None, fol
         try:
             job.result()
             results.append((stem, prof, "done"))
-        except Exception as err:  # a failed chapter does not stop the others; its log is in the folder
-            results.append((stem, prof, f"failed: {str(err).strip().splitlines()[-1] if str(err).strip() else err!r}"))
+        except Exception as err:  # a failed chapter does not stop the others
+            results.append((stem, prof, f"failed: {failure_cause(job, err)}"))
         print(f"sweep: {stem} at {prof}: {results[-1][2]}", flush=True)
 
     for stem, prof in todo:
