@@ -51,7 +51,7 @@ _QUICK_GRID = dict(ensemble_size=3, policies=("baseline", "mixup", "noise", "rot
 # quick leaves OOD out: with CIFAR-10 standing in for SVHN its verdict is "not comparable" (smoke keeps it: a pipeline check).
 PROFILE_SIZES = {
     "smoke": _QUICK_GRID | dict(policies=_QUICK_GRID["policies"] + ("ood",), n_trials=2, n_ood=64, pack_students=True),
-    "quick": _QUICK_GRID | dict(n_trials=2, n_ood=10000, pack_students=True),
+    "quick": _QUICK_GRID | dict(other_policies=("baseline",), n_trials=2, n_ood=10000, pack_students=True),
     "paper": dict(ensemble_size=5, policies=tuple(POLICY_RUNS), other_sizes=(1, 3), other_policies=FIG5_POLICIES,
                   n_trials=3, n_ood=10000, pack_students=False),
 }
