@@ -26,7 +26,7 @@ def check_tau(tau) -> float:
         raise ValueError(f"tau must be > 0 (it divides the logits), got {tau}")
     return float(tau)
 
-
+# %% ../chapters/10_preliminaries.ipynb #d0546a19
 def check_alpha(alpha) -> float:
     "alpha as a float, or a ValueError unless it is a number in [0, 1] (the weight of the NLL term of Eq. 1)."
     if isinstance(alpha, torch.Tensor) and alpha.numel() == 1:
@@ -35,7 +35,7 @@ def check_alpha(alpha) -> float:
         raise ValueError(f"alpha must be a number in [0, 1] (the weight of the NLL term), got {alpha!r}")
     return float(alpha)
 
-
+# %% ../chapters/10_preliminaries.ipynb #eff6c7e6
 def check_logits(z, name: str = "logits"):
     "A ValueError unless `z` is a floating tensor of shape (batch, n_classes) with batch > 0 and n_classes > 0."
     if not isinstance(z, torch.Tensor) or z.ndim != 2 or not z.is_floating_point() or 0 in z.shape:
@@ -43,7 +43,7 @@ def check_logits(z, name: str = "logits"):
         raise ValueError(f"{name} must be a floating tensor of shape (batch, n_classes) with batch > 0 "
                          f"(an empty batch has no mean), got {what}")
 
-
+# %% ../chapters/10_preliminaries.ipynb #013cdebc
 def check_logits_pair(a, b, names=("student_logits", "teacher_logits")):
     "A ValueError unless `a` and `b` are valid logits (`check_logits`) of the same shape."
     check_logits(a, names[0])
@@ -52,7 +52,7 @@ def check_logits_pair(a, b, names=("student_logits", "teacher_logits")):
         raise ValueError(f"{names[0]} {tuple(a.shape)} and {names[1]} {tuple(b.shape)} must have the same shape "
                          "(same examples, same classes)")
 
-
+# %% ../chapters/10_preliminaries.ipynb #a08749e1
 def check_labels(labels, logits: torch.Tensor, values: bool = True):
     """A ValueError unless `labels` is an integer tensor with one class index in 0..n_classes-1 per row of
     `logits`. `values=False` skips the range check, which reads the labels (a device sync on a GPU)."""
@@ -67,7 +67,7 @@ def check_labels(labels, logits: torch.Tensor, values: bool = True):
         if lo < 0 or hi >= c:
             raise ValueError(f"labels run from {lo} to {hi}, outside the {c} classes of the logits (0..{c - 1})")
 
-
+# %% ../chapters/10_preliminaries.ipynb #3864a0b2
 def kd_loss(student_logits: torch.Tensor,  # (batch, c) student logits z_s
             teacher_logits: torch.Tensor,  # (batch, c) teacher logits z_t (detach them unless you want their gradient)
             labels: torch.Tensor | None = None,  # (batch,) true labels; needed only when alpha > 0
@@ -127,7 +127,7 @@ def kd_grad(student_logits: torch.Tensor,  # (batch, c) student logits z_s
     check_logits_pair(student_logits, teacher_logits)
     return tau * (F.softmax(student_logits / tau, dim=1) - F.softmax(teacher_logits / tau, dim=1))
 
-
+# %% ../chapters/10_preliminaries.ipynb #72527340
 def kd_grad_limit(student_logits: torch.Tensor,  # (batch, c) student logits z_s
                   teacher_logits: torch.Tensor,  # (batch, c) teacher logits z_t
                  ) -> torch.Tensor:
