@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['check_tau', 'check_alpha', 'check_logits', 'check_logits_pair', 'check_labels', 'kd_loss', 'ensemble_logits',
-           'kd_grad', 'kd_grad_limit']
+           'kd_grad', 'kd_grad_limit', 'kd_grad_sweep', 'plot_kd_grad_limit']
 
 # %% ../chapters/10_preliminaries.ipynb #e32f0052
 import math
@@ -135,3 +135,51 @@ def kd_grad_limit(student_logits: torch.Tensor,  # (batch, c) student logits z_s
     check_logits_pair(student_logits, teacher_logits)
     d = student_logits - teacher_logits
     return (d - d.mean(dim=1, keepdim=True)) / d.shape[1]
+
+# %% ../chapters/10_preliminaries.ipynb #88fa3d68
+def kd_grad_sweep(student_logits: torch.Tensor,  # (batch, c) student logits z_s
+                  teacher_logits: torch.Tensor,  # (batch, c) teacher logits z_t
+                  taus,  # the temperatures to compare at
+                 ) -> dict:
+    """How far `kd_grad` is from `kd_grad_limit` at each tau of `taus`, per example: the cosine with the limit
+    ("cos_limit"), the relative error ||grad - limit|| / ||limit|| ("rel_err"), and the cosine with the uncentred
+    z_s - z_t ("cos_raw", the literal reading of §3.1). Each is a numpy array of shape (len(taus), batch)."""
+    limit = kd_grad_limit(student_logits, teacher_logits)
+    raw = student_logits - teacher_logits
+    out = {"cos_limit": [], "rel_err": [], "cos_raw": []}
+    for t in taus:
+        grad = kd_grad(student_logits, teacher_logits, tau=float(t))
+        out["cos_limit"].append(F.cosine_similarity(grad, limit, dim=1))
+        out["rel_err"].append((grad - limit).norm(dim=1) / limit.norm(dim=1))
+        out["cos_raw"].append(F.cosine_similarity(grad, raw, dim=1))
+    return {k: torch.stack(v).numpy() for k, v in out.items()}
+
+# %% ../chapters/10_preliminaries.ipynb #4bfd7de3
+def plot_kd_grad_limit(taus,  # the temperatures of the sweep (x axis)
+                       sweep: dict,  # kd_grad_sweep's result at those taus
+                       tau: float,  # the temperature the paper distils at, marked by a dotted line
+                      ):
+    "The figure of the tau -> infinity study: cosine with the limit (left) and its relative error with a slope -1 guide (right)."
+    from kdbook.viz import panel_grid  # kdbook.viz imports matplotlib and widgets; the loss itself needs neither
+    import numpy as np
+    taus = np.asarray(taus, dtype=float)
+    fig, (ax1, ax2) = panel_grid(2, panel_size=(3.9, 3.4))
+    for key, label, color in (("cos_limit", "cos(∇L_KD, P(z_s − z_t)/c)", "C0"), ("cos_raw", "cos(∇L_KD, z_s − z_t), uncentred", "C1")):
+        lo, med, hi = np.percentile(sweep[key], [10, 50, 90], axis=1)
+        ax1.plot(taus, med, color=color, label=label)
+        ax1.fill_between(taus, lo, hi, color=color, alpha=0.2, linewidth=0)
+    ax1.axhline(1.0, ls="--", color="k", lw=1, label="claimed limit: 1")
+    ax1.axvline(tau, ls=":", color="gray", lw=1)
+    ax1.set(xscale="log", xlabel="temperature τ", ylabel="cosine similarity", title="direction")
+    ax1.legend(fontsize=9, loc="lower right")
+    lo, med, hi = np.percentile(sweep["rel_err"], [10, 50, 90], axis=1)
+    big = taus >= 100
+    ax2.plot(taus, med, color="C0", label="median relative error, 10–90% band")
+    ax2.fill_between(taus, lo, hi, color="C0", alpha=0.2, linewidth=0)
+    ax2.plot(taus[big], np.exp(np.log(med[big]).mean() - (np.log(taus[big]) - np.log(taus[big]).mean())), "k--", lw=1,
+             label="slope −1 (derived O(1/τ))")
+    ax2.axvline(tau, ls=":", color="gray", lw=1, label=f"τ = {tau:g} (the paper's)")
+    ax2.set(xscale="log", yscale="log", xlabel="temperature τ", ylabel="‖∇L_KD − limit‖ / ‖limit‖", title="size and direction")
+    ax2.legend(fontsize=9)
+    fig.tight_layout()
+    return fig
