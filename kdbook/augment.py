@@ -250,7 +250,7 @@ def plot_policy_grid(batch: torch.Tensor,  # float (n, C, H, W) in [-1, 1]: the 
                      ):
     "A matplotlib Figure: one row per policy, one column per image; appended (OOD/synthetic) images shown last."
     from matplotlib.figure import Figure
-    policies, policy_kw, n = list(policies or POLICIES), policy_kw or {}, batch.shape[0]
+    policies, policy_kw, n = list(policies if policies is not None else POLICIES), policy_kw or {}, batch.shape[0]
     fig = Figure(figsize=(1.1 * n + 1.6, 1.1 * len(policies)), layout="constrained")
     axes = fig.subplots(len(policies), n, squeeze=False)
     for r, p in enumerate(policies):

@@ -266,7 +266,7 @@ def read_jpeg_tar(path, threads: int | None = None, split: str | None = None):
     classes = sorted({c for c, _, _ in items})
     items.sort(key=lambda t: (classes.index(t[0]), t[1]))
     # Pillow releases the GIL while decoding, so threads scale with cores.
-    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as ex:
+    with ThreadPoolExecutor(threads if threads is not None else (os.cpu_count() or 1)) as ex:
         arrays = list(ex.map(_decode_or_none, (d for _, _, d in items), chunksize=256))
     shape = next((a.shape for a in arrays if a is not None), None)
     for (c, f, _), a in zip(items, arrays):
