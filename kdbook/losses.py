@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['check_tau', 'check_alpha', 'check_logits', 'check_logits_pair', 'check_labels', 'kd_loss', 'ensemble_logits',
-           'kd_grad', 'kd_grad_limit', 'kd_grad_sweep', 'plot_kd_grad_limit']
+           'kd_grad', 'kd_grad_limit', 'kd_grad_sweep', 'plot_kd_grad_limit', 'plot_softened_labels']
 
 # %% ../chapters/10_preliminaries.ipynb #e32f0052
 import math
@@ -181,5 +181,34 @@ def plot_kd_grad_limit(taus,  # the temperatures of the sweep (x axis)
     ax2.axvline(tau, ls=":", color="gray", lw=1, label=f"τ = {tau:g} (the paper's)")
     ax2.set(xscale="log", yscale="log", xlabel="temperature τ", ylabel="‖∇L_KD − limit‖ / ‖limit‖", title="size and direction")
     ax2.legend(fontsize=9)
+    fig.tight_layout()
+    return fig
+
+# %% ../chapters/10_preliminaries.ipynb #a34ae32e
+def plot_softened_labels(images,  # (n, H, W) uint8 images, one a row
+                         teacher_logits: torch.Tensor,  # (n, c) the teacher's logits on them
+                         labels,  # (n,) their true classes, drawn in orange
+                         tau: float,  # the temperature of the softmax
+                        ):
+    "The tau widget's view: each image beside the bar chart of sigma(z_t / tau), titled with its entropy."
+    import matplotlib.pyplot as plt
+    import numpy as np
+    n = len(images)
+    # one image a row, its softened labels beside it: about 590 px wide at dpi 92, shown at its natural size, so each
+    # bar chart keeps about 400 px and 11-13 pt text is 14-17 px on the page
+    fig, axes = plt.subplots(n, 2, figsize=(6.4, 1.5 * n + 0.7), squeeze=False, gridspec_kw=dict(width_ratios=[1, 3.4]))
+    probs = F.softmax(teacher_logits / check_tau(tau), dim=1).numpy()
+    for j in range(n):
+        axes[j, 0].imshow(images[j], cmap="gray_r")
+        axes[j, 0].set_axis_off()
+        entropy = -(probs[j] * np.log(np.clip(probs[j], 1e-300, None))).sum()
+        colors = ["C1" if k == labels[j] else "C0" for k in range(probs.shape[1])]
+        axes[j, 1].bar(range(probs.shape[1]), probs[j], color=colors)
+        axes[j, 1].set(ylim=(0, 1), xticks=range(probs.shape[1]))
+        axes[j, 1].tick_params(labelsize=11)
+        axes[j, 1].set_title(f"label {labels[j]}: H = {entropy:.2f} nats", fontsize=11, loc="left")
+        axes[j, 1].set_ylabel("σ(z_t/τ)", fontsize=12)
+    axes[-1, 1].set_xlabel("class (digit)", fontsize=12)
+    fig.suptitle(f"teacher's softened labels at τ = {tau:g}", fontsize=13)
     fig.tight_layout()
     return fig
