@@ -184,48 +184,39 @@ def append_synthetic(x, generator, sampler=None,  # callable(k, generator) -> fl
 # %% ../chapters/a1b_augment.ipynb #a1bc015
 def none(x, generator): return x
 
-# %% ../chapters/a1b_augment.ipynb #496b445a
 def baseline(x, generator, padding: int = 4):
     "Baseline of §5.1 and App. A.3: random crop with 4 pixels of padding, then horizontal flip."
     return random_hflip(random_crop(x, generator, padding), generator)
 
-# %% ../chapters/a1b_augment.ipynb #ac3d902f
 def rotation(x, generator, degrees: float = 20.0):
     "Rotation (±20°) then Baseline; every policy of §5.1 keeps Baseline's crop and flip."
     return baseline(random_rotation(x, generator, degrees), generator)
 
-# %% ../chapters/a1b_augment.ipynb #9bea3b62
 def vflip(x, generator): return baseline(random_vflip(x, generator), generator)
 
-# %% ../chapters/a1b_augment.ipynb #932f5c44
 def jitter(x, generator, brightness: float = 0.2, contrast: float = 0.2, saturation: float = 0.2, hue: float = 0.2):
     return baseline(color_jitter(x, generator, brightness, contrast, saturation, hue), generator)
 
-# %% ../chapters/a1b_augment.ipynb #b60c36dc
 def combined(x, generator, degrees: float = 20.0):
     "Combined of §5.1: rotation -> vertical flip -> color jitter -> crop -> horizontal flip."
     x = color_jitter(random_vflip(random_rotation(x, generator, degrees), generator), generator)
     return baseline(x, generator)
 
-# %% ../chapters/a1b_augment.ipynb #13ea6b02
 def mix(x, generator): return mixup(baseline(x, generator), generator)
 
-# %% ../chapters/a1b_augment.ipynb #dac2de4f
 def noise(x, generator, p: float = 0.2): return uniform_noise(baseline(x, generator), generator, p)
 
-# %% ../chapters/a1b_augment.ipynb #10885903
 def ood(x, generator, pool=None, ratio: float = 0.25):
     return baseline(append_ood(x, generator, pool, ratio), generator)
 
-# %% ../chapters/a1b_augment.ipynb #6c908a94
 def synthetic(x, generator, sampler=None, ratio: float = 0.25):
     return baseline(append_synthetic(x, generator, sampler, ratio), generator)
 
-# %% ../chapters/a1b_augment.ipynb #bc0dd067
 POLICIES = {"none": none, "baseline": baseline, "rotation": rotation, "vflip": vflip,
             "color_jitter": jitter, "combined": combined, "mixup": mix, "noise": noise,
             "ood": ood, "synthetic": synthetic}
 
+# %% ../chapters/a1b_augment.ipynb #bc0dd067
 def augment(x: torch.Tensor,  # float (N, C, H, W) batch in [-1, 1], on any device
             policy: str,  # a key of POLICIES
             generator: torch.Generator,  # all randomness comes from here: same state -> same batch
