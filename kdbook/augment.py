@@ -22,11 +22,13 @@ def _rand(n: int, g: torch.Generator, device) -> torch.Tensor:
     "n uniform draws from `g` (on g's device, so a CUDA generator stays on the GPU), moved to `device`."
     return torch.rand(n, generator=g, device=g.device).to(device)
 
+# %% ../chapters/a1b_augment.ipynb #97fc0b54
 def _check(x: torch.Tensor):
     if not torch.is_floating_point(x) or x.ndim != 4:
         raise ValueError(f"augmentations take float (N, C, H, W) batches in [-1, 1], got {x.dtype} "
                          f"{tuple(x.shape)}; convert uint8 images with kdbook.data.to_float")
 
+# %% ../chapters/a1b_augment.ipynb #c33983f5
 def _number(name: str, value, lo: float, hi: float = math.inf, integer: bool = False) -> float:
     "`value` if it is a finite (integer, if asked) number in [lo, hi], else a ValueError naming the setting."
     if isinstance(value, torch.Tensor) and value.numel() == 1: value = value.item()
@@ -38,6 +40,7 @@ def _number(name: str, value, lo: float, hi: float = math.inf, integer: bool = F
         raise ValueError(f"augmentation setting {name} must be {kind} {rng}, got {value!r}")
     return value
 
+# %% ../chapters/a1b_augment.ipynb #c6a10e03
 def random_crop(x: torch.Tensor,  # float (N, C, H, W) in [-1, 1]
                 generator: torch.Generator,  # source of all randomness
                 padding: int = 4,  # pixels of black border added on each side before cropping
@@ -52,18 +55,21 @@ def random_crop(x: torch.Tensor,  # float (N, C, H, W) in [-1, 1]
     i = torch.arange(n, device=x.device)[:, None, None]
     return xp.permute(0, 2, 3, 1)[i, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 
+# %% ../chapters/a1b_augment.ipynb #b5df2289
 def random_hflip(x, generator, p: float = 0.5):
     "Mirror each image left-right with probability p."
     p = _number("p", p, 0, 1)
     flip = _rand(x.shape[0], generator, x.device) < p
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
+# %% ../chapters/a1b_augment.ipynb #feea192f
 def random_vflip(x, generator, p: float = 0.5):
     "Mirror each image top-bottom with probability p (the paper's Vertical flip policy, §5.1)."
     p = _number("p", p, 0, 1)
     flip = _rand(x.shape[0], generator, x.device) < p
     return torch.where(flip[:, None, None, None], x.flip(-2), x)
 
+# %% ../chapters/a1b_augment.ipynb #dd6d5eeb
 def random_rotation(x, generator, degrees: float = 20.0):
     "Rotate each image by an angle ~ U[-degrees, degrees] (bilinear, black fill), as one affine_grid/grid_sample."
     degrees = _number("degrees", degrees, 0, 180)
@@ -88,6 +94,7 @@ def rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
     h = torch.where(delta == 0, torch.zeros_like(h), (h / 6.0) % 1.0)
     return torch.stack([h, s, maxc], 1)
 
+# %% ../chapters/a1b_augment.ipynb #4de65c61
 def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
     "HSV in [0, 1] -> RGB in [0, 1], channel dim 1."
     h, s, v = hsv.unbind(1)
@@ -99,9 +106,11 @@ def hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
                          ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))], 0)  # (6, N, 3, H, W)
     return torch.gather(table, 0, i[None, :, None].expand(1, -1, 3, -1, -1)).squeeze(0)
 
+# %% ../chapters/a1b_augment.ipynb #6d3f0eac
 def _gray(y):  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
     return (0.299 * y[:, 0] + 0.587 * y[:, 1] + 0.114 * y[:, 2])[:, None]
 
+# %% ../chapters/a1b_augment.ipynb #67a10804
 def color_jitter(x, generator,
                  brightness: float = 0.2, contrast: float = 0.2,  # factors ~ U[1-b, 1+b], U[1-c, 1+c]
                  saturation: float = 0.2, hue: float = 0.2,  # factor ~ U[1-s, 1+s]; hue shift ~ U[-h, h] turns
@@ -134,6 +143,7 @@ def mixup(x, generator):
     perm = torch.randperm(x.shape[0], generator=generator, device=generator.device).to(x.device)
     return lam * x + (1 - lam) * x[perm]
 
+# %% ../chapters/a1b_augment.ipynb #24fe9748
 def uniform_noise(x, generator, p: float = 0.2):
     "Replace each image with probability p by uniform noise in [-1, 1] (the Noise policy, §5.1)."
     p = _number("p", p, 0, 1)
@@ -142,11 +152,13 @@ def uniform_noise(x, generator, p: float = 0.2):
     noise = torch.rand(x.shape, generator=generator, device=generator.device).to(x.device, x.dtype) * 2 - 1
     return torch.where(mask[:, None, None, None], noise, x)
 
+# %% ../chapters/a1b_augment.ipynb #9b63ce40
 def _draw(pool: torch.Tensor, k: int, generator, device) -> torch.Tensor:
     idx = torch.randint(len(pool), (k,), generator=generator, device=generator.device).to(pool.device)
     out = pool[idx].to(device)
     return out.float().div_(127.5).sub_(1.0) if out.dtype == torch.uint8 else out
 
+# %% ../chapters/a1b_augment.ipynb #d333b796
 def append_ood(x, generator, pool: torch.Tensor | None = None,  # OOD images: uint8 or float [-1, 1], (M, C, H, W)
                ratio: float = 0.25,  # appended images per real image (1:4 as the GAN policy)
                ):
@@ -157,6 +169,7 @@ def append_ood(x, generator, pool: torch.Tensor | None = None,  # OOD images: ui
         raise ValueError(f"OOD pool images are {tuple(pool.shape[1:])}, batch images {tuple(x.shape[1:])}; they must match")
     return torch.cat([x, _draw(pool, round(ratio * x.shape[0]), generator, x.device).to(x.dtype)])
 
+# %% ../chapters/a1b_augment.ipynb #ebbb3e5a
 def append_synthetic(x, generator, sampler=None,  # callable(k, generator) -> float (k, C, H, W) in [-1, 1], e.g. a GAN
                      ratio: float = 0.25,  # synthetic images per real image: the paper's online 1:4 (§5.1)
                      ):
@@ -203,6 +216,7 @@ POLICIES = {"none": none, "baseline": baseline, "rotation": rotation, "vflip": v
             "color_jitter": jitter, "combined": combined, "mixup": mix, "noise": noise,
             "ood": ood, "synthetic": synthetic}
 
+# %% ../chapters/a1b_augment.ipynb #bc0dd067
 def augment(x: torch.Tensor,  # float (N, C, H, W) batch in [-1, 1], on any device
             policy: str,  # a key of POLICIES
             generator: torch.Generator,  # all randomness comes from here: same state -> same batch
@@ -227,7 +241,7 @@ def plot_policy_grid(batch: torch.Tensor,  # float (n, C, H, W) in [-1, 1]: the 
                      ):
     "A matplotlib Figure: one row per policy, one column per image; appended (OOD/synthetic) images shown last."
     from matplotlib.figure import Figure
-    policies, policy_kw, n = list(policies or POLICIES), policy_kw or {}, batch.shape[0]
+    policies, policy_kw, n = list(policies if policies is not None else POLICIES), policy_kw or {}, batch.shape[0]
     fig = Figure(figsize=(1.1 * n + 1.6, 1.1 * len(policies)), layout="constrained")
     axes = fig.subplots(len(policies), n, squeeze=False)
     for r, p in enumerate(policies):

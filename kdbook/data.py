@@ -153,6 +153,7 @@ def _repo_root(start: Path) -> Path | None:
         if (p / "pyproject.toml").is_file() and (p / "kdbook").is_dir(): return p
     return None
 
+# %% ../chapters/a1_data.ipynb #f2d3ed9f
 def datasets_dir(root=None,  # a folder with the offline copies; None reads env KDBOOK_DATASETS
                 ) -> Path | None:
     """The offline datasets directory: the argument, else env KDBOOK_DATASETS, else `../shared/datasets`
@@ -176,6 +177,7 @@ def datasets_dir(root=None,  # a folder with the offline copies; None reads env 
                                 "at a folder holding MNIST/raw, FashionMNIST/raw, CIFAR100-JPEG, CIFAR10-JPEG")
     return root
 
+# %% ../chapters/a1_data.ipynb #b62d7daf
 def resolve_cache_dir(cache_dir=None,  # where decoded arrays and torchvision downloads go
                      ) -> Path:
     """The cache folder: the argument, else env KDBOOK_CACHE, else the repository's git-ignored `data/` (found
@@ -191,10 +193,12 @@ def resolve_cache_dir(cache_dir=None,  # where decoded arrays and torchvision do
 class DatasetError(ValueError):
     "A dataset file that is damaged, incomplete or not the set it claims to be; nothing from it is used or cached."
 
+# %% ../chapters/a1_data.ipynb #a5497556
 def _offline_remedy(path) -> str:
     return (f"Nothing was loaded or cached. Re-copy {Path(path).name} from an intact copy (or point KDBOOK_DATASETS "
             "/ root= at one), or unset KDBOOK_DATASETS and pass download=True so torchvision downloads the set.")
 
+# %% ../chapters/a1_data.ipynb #0ed828a2
 def damaged(path,  # the file at fault
             problem: str,  # what is wrong with it
             remedy: str | None = None,  # what to do; default: re-copy it, or let torchvision download the set
@@ -202,6 +206,7 @@ def damaged(path,  # the file at fault
     "The error for a dataset file that failed a check: names the file, the problem and the remedies."
     return DatasetError(f"dataset file {path} is damaged or incomplete: {problem}. {remedy or _offline_remedy(path)}")
 
+# %% ../chapters/a1_data.ipynb #98dd72aa
 def read_gz(path) -> tuple[bytes, str]:
     """The whole decompressed content of a gzip file and the sha256 of the file. The stream is read to its end,
     where gzip checks its CRC and length, so a corrupted byte anywhere or a truncation is a DatasetError."""
@@ -212,6 +217,7 @@ def read_gz(path) -> tuple[bytes, str]:
         raise damaged(path, f"its gzip stream is corrupt or truncated ({type(e).__name__}: {e})") from None
     return data, hashlib.sha256(raw).hexdigest()
 
+# %% ../chapters/a1_data.ipynb #837c3262
 def parse_idx(buf: bytes, path) -> np.ndarray:
     "Parse an uncompressed IDX buffer (the MNIST format: magic, dims, then raw uint8); `path` names it in errors."
     if len(buf) < 4 or buf[0] | buf[1] != 0 or buf[2] != 0x08 or buf[3] not in (1, 3):
@@ -224,18 +230,22 @@ def parse_idx(buf: bytes, path) -> np.ndarray:
         raise damaged(path, f"its header promises {dims} = {int(np.prod(dims))} values, it holds {data.size}")
     return data.reshape(dims).copy()  # frombuffer views are read-only; torch wants writable memory
 
+# %% ../chapters/a1_data.ipynb #034ddc65
 def read_idx_gz(path) -> np.ndarray:
     "Read a gzip-compressed IDX file into a numpy array, checking the whole stream (see `read_gz`)."
     return parse_idx(read_gz(path)[0], path)
 
+# %% ../chapters/a1_data.ipynb #53876d0a
 def _decode_jpeg(data: bytes) -> np.ndarray:
     from PIL import Image
     with Image.open(io.BytesIO(data)) as im: return np.asarray(im.convert("RGB"))
 
+# %% ../chapters/a1_data.ipynb #87067f92
 def _decode_or_none(data: bytes):
     try: return _decode_jpeg(data)
     except Exception: return None  # reported below with the member's name
 
+# %% ../chapters/a1_data.ipynb #bfa91057
 def read_jpeg_tar(path, threads: int | None = None, split: str | None = None):
     """Decode a `SPLIT/<class>/<file>.jpg` tarball (whole gzip stream checked); classes = sorted folder names,
     order = (label, file name). Returns (images, labels, classes) or raises DatasetError naming the file.
@@ -256,7 +266,7 @@ def read_jpeg_tar(path, threads: int | None = None, split: str | None = None):
     classes = sorted({c for c, _, _ in items})
     items.sort(key=lambda t: (classes.index(t[0]), t[1]))
     # Pillow releases the GIL while decoding, so threads scale with cores.
-    with ThreadPoolExecutor(threads or os.cpu_count() or 1) as ex:
+    with ThreadPoolExecutor(threads if threads is not None else (os.cpu_count() or 1)) as ex:
         arrays = list(ex.map(_decode_or_none, (d for _, _, d in items), chunksize=256))
     shape = next((a.shape for a in arrays if a is not None), None)
     for (c, f, _), a in zip(items, arrays):
@@ -268,6 +278,7 @@ def read_jpeg_tar(path, threads: int | None = None, split: str | None = None):
     y = np.array([lut[c] for c, _, _ in items], dtype=np.int64)
     return np.ascontiguousarray(x), y, classes
 
+# %% ../chapters/a1_data.ipynb #b3a75cbc
 def verify_arrays(name: str,  # a key of DATASETS: what the arrays claim to be
                   split: str,  # "train" or "test"
                   x: np.ndarray, y: np.ndarray, classes: list,  # the decoded split
@@ -306,15 +317,18 @@ def _files_key(paths) -> str:
         h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
     return h.hexdigest()[:16]
 
+# %% ../chapters/a1_data.ipynb #b77444c3
 def _sha_key(shas) -> str:
     "A key made of the sha256 of the verified source files: a cache entry belongs to exactly those bytes."
     return hashlib.sha256(f"v{CACHE_VERSION}:{':'.join(shas)}".encode()).hexdigest()[:16]
 
+# %% ../chapters/a1_data.ipynb #e23c1648
 def _crc(*arrays) -> int:
     c = 0
     for a in arrays: c = zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"), c)
     return c
 
+# %% ../chapters/a1_data.ipynb #fc5a671d
 def save_cached(path, images: np.ndarray, labels: np.ndarray, meta: dict):
     "Write arrays + metadata (with a CRC of the arrays) to `path` atomically: temp file, then rename."
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
@@ -328,6 +342,7 @@ def save_cached(path, images: np.ndarray, labels: np.ndarray, meta: dict):
     except BaseException:
         Path(tmp).unlink(missing_ok=True); raise
 
+# %% ../chapters/a1_data.ipynb #95080b9c
 def load_cached(path):
     "Read a cache file; return (images, labels, meta), or None if it is missing, partial or corrupt."
     path = Path(path)
@@ -340,6 +355,7 @@ def load_cached(path):
     except Exception:  # truncated zip, bad header, bad JSON: all mean "rebuild"
         return None
 
+# %% ../chapters/a1_data.ipynb #317af20e
 def _cached(cache_dir: Path, tag: str, key: str, build, verify):
     """Load `tag` from the cache if its key matches, the entry was written by this version's checks and its
     arrays pass `verify` again (cheap); else build() -> (images, labels, meta), verify, and only then store it."""
@@ -362,11 +378,13 @@ def _offline_paths(name: str, split: str, root: Path):
     want = [f for f in files if f.startswith("t10k" if split == "test" else "train") or f == f"{split}.tar.gz"]
     return [root / folder / f for f in want]
 
+# %% ../chapters/a1_data.ipynb #27c9dc96
 def offline_available(name: str, root) -> bool:
     "Whether the datasets directory `root` holds the real files of `name` (both splits)."
     if root is None or name not in OFFLINE_FILES: return False
     return all((Path(root) / OFFLINE_FILES[name][0] / f).is_file() for f in OFFLINE_FILES[name][1])
 
+# %% ../chapters/a1_data.ipynb #6c1bc637
 def _check_published(paths, shas, root: Path):
     "Warn for each file that passed every check but is not byte-identical to the published copy."
     for p, sha in zip(paths, shas):
@@ -376,6 +394,7 @@ def _check_published(paths, shas, root: Path):
                           "passed every check of counts, classes and labels, so it is used. If you did not make "
                           "this copy yourself, re-copy it.", stacklevel=3)
 
+# %% ../chapters/a1_data.ipynb #8f5d21f2
 def _load_offline(name: str, split: str, root: Path, cache_dir: Path):
     paths = _offline_paths(name, split, root)
     idx = name in ("mnist", "fashion_mnist")
@@ -413,6 +432,7 @@ def _tv_dataset(name: str, split: str, tv_root: Path, download: bool):
     kw = dict(split="byclass") if name == "emnist" else {}
     return cls(str(tv_root), train=split == "train", download=download, **kw)
 
+# %% ../chapters/a1_data.ipynb #8c1273a4
 def _tv_arrays(name: str, ds):
     if name == "svhn":
         return np.asarray(ds.data), np.asarray(ds.labels, dtype=np.int64), [str(i) for i in range(10)]
@@ -425,6 +445,7 @@ def _tv_arrays(name: str, ds):
         data = data.transpose(0, 3, 1, 2)  # CIFAR: NHWC -> NCHW
     return np.ascontiguousarray(data), y, list(ds.classes)
 
+# %% ../chapters/a1_data.ipynb #a22e06d2
 def _load_torchvision(name: str, split: str, cache_dir: Path, download: bool):
     tv_root = cache_dir / "torchvision"
     pattern = _TV_FILES[name].format(split=split)
@@ -454,6 +475,7 @@ def _missing(name: str, detail: str) -> FileNotFoundError:
         f"dataset {name!r} not found ({detail}). Either {where}, as the datasets folder's README describes, or "
         "pass download=True on a machine with a network so torchvision downloads it into cache_dir/torchvision.")
 
+# %% ../chapters/a1_data.ipynb #2ed6f5b2
 def _no_offline(name: str, root) -> str:
     "Why the offline route cannot serve `name`: no directory, or which of its files are missing."
     if root is None: return "no offline datasets directory (KDBOOK_DATASETS unset or not a directory)"
@@ -461,6 +483,7 @@ def _no_offline(name: str, root) -> str:
     absent = [f"{folder}/{f}" for f in files if not (Path(root) / folder / f).is_file()]
     return f"{root} lacks {', '.join(absent)}" if absent else f"no offline copy in {root}"
 
+# %% ../chapters/a1_data.ipynb #25de4836
 def load_dataset(name: str,  # one of DATASETS
                  split: str,  # "train" or "test"
                  root=None,  # offline datasets directory; None reads env KDBOOK_DATASETS
@@ -509,6 +532,7 @@ def load_dataset(name: str,  # one of DATASETS
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
+# %% ../chapters/a1_data.ipynb #294c1c87
 def stratified_subset(labels: torch.Tensor,  # int64 labels of the full set
                       n: int,  # subset size; split as evenly as possible over the classes
                       seed: int,  # the subset is a pure function of (labels, n, seed)
@@ -527,6 +551,7 @@ def stratified_subset(labels: torch.Tensor,  # int64 labels of the full set
         picks.append(idx[torch.randperm(len(idx), generator=g)[:k]])
     return torch.cat(picks).sort().values
 
+# %% ../chapters/a1_data.ipynb #d6074f47
 def split_halves(labels: torch.Tensor,  # int64 labels of the set to split (CIFAR-100 train)
                  seed: int,  # the split is a pure function of (labels, seed)
                  ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -540,6 +565,7 @@ def split_halves(labels: torch.Tensor,  # int64 labels of the set to split (CIFA
         d0.append(idx[:half]); d1.append(idx[half:])
     return torch.cat(d0).sort().values, torch.cat(d1).sort().values
 
+# %% ../chapters/a1_data.ipynb #a0b78691
 def fraction_subset(n: int,  # size of the full set (e.g. 697,932 EMNIST train images)
                     fraction: float,  # in [0, 1]; the paper uses 0.25, 0.5, 1.0 (§4.1)
                     seed: int,  # the same seed gives nested subsets: 25% inside 50% inside 100%

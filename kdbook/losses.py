@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['check_tau', 'check_alpha', 'check_logits', 'check_logits_pair', 'check_labels', 'kd_loss', 'ensemble_logits',
-           'kd_grad', 'kd_grad_limit']
+           'kd_grad', 'kd_grad_limit', 'kd_grad_sweep', 'plot_kd_grad_limit', 'plot_softened_labels']
 
 # %% ../chapters/10_preliminaries.ipynb #e32f0052
 import math
@@ -26,7 +26,7 @@ def check_tau(tau) -> float:
         raise ValueError(f"tau must be > 0 (it divides the logits), got {tau}")
     return float(tau)
 
-
+# %% ../chapters/10_preliminaries.ipynb #d0546a19
 def check_alpha(alpha) -> float:
     "alpha as a float, or a ValueError unless it is a number in [0, 1] (the weight of the NLL term of Eq. 1)."
     if isinstance(alpha, torch.Tensor) and alpha.numel() == 1:
@@ -35,7 +35,7 @@ def check_alpha(alpha) -> float:
         raise ValueError(f"alpha must be a number in [0, 1] (the weight of the NLL term), got {alpha!r}")
     return float(alpha)
 
-
+# %% ../chapters/10_preliminaries.ipynb #eff6c7e6
 def check_logits(z, name: str = "logits"):
     "A ValueError unless `z` is a floating tensor of shape (batch, n_classes) with batch > 0 and n_classes > 0."
     if not isinstance(z, torch.Tensor) or z.ndim != 2 or not z.is_floating_point() or 0 in z.shape:
@@ -43,7 +43,7 @@ def check_logits(z, name: str = "logits"):
         raise ValueError(f"{name} must be a floating tensor of shape (batch, n_classes) with batch > 0 "
                          f"(an empty batch has no mean), got {what}")
 
-
+# %% ../chapters/10_preliminaries.ipynb #013cdebc
 def check_logits_pair(a, b, names=("student_logits", "teacher_logits")):
     "A ValueError unless `a` and `b` are valid logits (`check_logits`) of the same shape."
     check_logits(a, names[0])
@@ -52,7 +52,7 @@ def check_logits_pair(a, b, names=("student_logits", "teacher_logits")):
         raise ValueError(f"{names[0]} {tuple(a.shape)} and {names[1]} {tuple(b.shape)} must have the same shape "
                          "(same examples, same classes)")
 
-
+# %% ../chapters/10_preliminaries.ipynb #a08749e1
 def check_labels(labels, logits: torch.Tensor, values: bool = True):
     """A ValueError unless `labels` is an integer tensor with one class index in 0..n_classes-1 per row of
     `logits`. `values=False` skips the range check, which reads the labels (a device sync on a GPU)."""
@@ -67,7 +67,7 @@ def check_labels(labels, logits: torch.Tensor, values: bool = True):
         if lo < 0 or hi >= c:
             raise ValueError(f"labels run from {lo} to {hi}, outside the {c} classes of the logits (0..{c - 1})")
 
-
+# %% ../chapters/10_preliminaries.ipynb #3864a0b2
 def kd_loss(student_logits: torch.Tensor,  # (batch, c) student logits z_s
             teacher_logits: torch.Tensor,  # (batch, c) teacher logits z_t (detach them unless you want their gradient)
             labels: torch.Tensor | None = None,  # (batch,) true labels; needed only when alpha > 0
@@ -127,7 +127,7 @@ def kd_grad(student_logits: torch.Tensor,  # (batch, c) student logits z_s
     check_logits_pair(student_logits, teacher_logits)
     return tau * (F.softmax(student_logits / tau, dim=1) - F.softmax(teacher_logits / tau, dim=1))
 
-
+# %% ../chapters/10_preliminaries.ipynb #72527340
 def kd_grad_limit(student_logits: torch.Tensor,  # (batch, c) student logits z_s
                   teacher_logits: torch.Tensor,  # (batch, c) teacher logits z_t
                  ) -> torch.Tensor:
@@ -135,3 +135,80 @@ def kd_grad_limit(student_logits: torch.Tensor,  # (batch, c) student logits z_s
     check_logits_pair(student_logits, teacher_logits)
     d = student_logits - teacher_logits
     return (d - d.mean(dim=1, keepdim=True)) / d.shape[1]
+
+# %% ../chapters/10_preliminaries.ipynb #88fa3d68
+def kd_grad_sweep(student_logits: torch.Tensor,  # (batch, c) student logits z_s
+                  teacher_logits: torch.Tensor,  # (batch, c) teacher logits z_t
+                  taus,  # the temperatures to compare at
+                 ) -> dict:
+    """How far `kd_grad` is from `kd_grad_limit` at each tau of `taus`, per example: the cosine with the limit
+    ("cos_limit"), the relative error ||grad - limit|| / ||limit|| ("rel_err"), and the cosine with the uncentred
+    z_s - z_t ("cos_raw", the literal reading of §3.1). Each is a numpy array of shape (len(taus), batch)."""
+    limit = kd_grad_limit(student_logits, teacher_logits)
+    raw = student_logits - teacher_logits
+    out = {"cos_limit": [], "rel_err": [], "cos_raw": []}
+    for t in taus:
+        grad = kd_grad(student_logits, teacher_logits, tau=float(t))
+        out["cos_limit"].append(F.cosine_similarity(grad, limit, dim=1))
+        out["rel_err"].append((grad - limit).norm(dim=1) / limit.norm(dim=1))
+        out["cos_raw"].append(F.cosine_similarity(grad, raw, dim=1))
+    return {k: torch.stack(v).numpy() for k, v in out.items()}
+
+# %% ../chapters/10_preliminaries.ipynb #4bfd7de3
+def plot_kd_grad_limit(taus,  # the temperatures of the sweep (x axis)
+                       sweep: dict,  # kd_grad_sweep's result at those taus
+                       tau: float,  # the temperature the paper distils at, marked by a dotted line
+                      ):
+    "The figure of the tau -> infinity study: cosine with the limit (left) and its relative error with a slope -1 guide (right)."
+    from kdbook.viz import panel_grid  # kdbook.viz imports matplotlib and widgets; the loss itself needs neither
+    import numpy as np
+    taus = np.asarray(taus, dtype=float)
+    fig, (ax1, ax2) = panel_grid(2, panel_size=(3.9, 3.4))
+    for key, label, color in (("cos_limit", "cos(∇L_KD, P(z_s − z_t)/c)", "C0"), ("cos_raw", "cos(∇L_KD, z_s − z_t), uncentred", "C1")):
+        lo, med, hi = np.percentile(sweep[key], [10, 50, 90], axis=1)
+        ax1.plot(taus, med, color=color, label=label)
+        ax1.fill_between(taus, lo, hi, color=color, alpha=0.2, linewidth=0)
+    ax1.axhline(1.0, ls="--", color="k", lw=1, label="claimed limit: 1")
+    ax1.axvline(tau, ls=":", color="gray", lw=1)
+    ax1.set(xscale="log", xlabel="temperature τ", ylabel="cosine similarity", title="direction")
+    ax1.legend(fontsize=9, loc="lower right")
+    lo, med, hi = np.percentile(sweep["rel_err"], [10, 50, 90], axis=1)
+    big = taus >= 100
+    ax2.plot(taus, med, color="C0", label="median relative error, 10–90% band")
+    ax2.fill_between(taus, lo, hi, color="C0", alpha=0.2, linewidth=0)
+    ax2.plot(taus[big], np.exp(np.log(med[big]).mean() - (np.log(taus[big]) - np.log(taus[big]).mean())), "k--", lw=1,
+             label="slope −1 (derived O(1/τ))")
+    ax2.axvline(tau, ls=":", color="gray", lw=1, label=f"τ = {tau:g} (the paper's)")
+    ax2.set(xscale="log", yscale="log", xlabel="temperature τ", ylabel="‖∇L_KD − limit‖ / ‖limit‖", title="size and direction")
+    ax2.legend(fontsize=9)
+    fig.tight_layout()
+    return fig
+
+# %% ../chapters/10_preliminaries.ipynb #a34ae32e
+def plot_softened_labels(images,  # (n, H, W) uint8 images, one a row
+                         teacher_logits: torch.Tensor,  # (n, c) the teacher's logits on them
+                         labels,  # (n,) their true classes, drawn in orange
+                         tau: float,  # the temperature of the softmax
+                        ):
+    "The tau widget's view: each image beside the bar chart of sigma(z_t / tau), titled with its entropy."
+    import matplotlib.pyplot as plt
+    import numpy as np
+    n = len(images)
+    # one image a row, its softened labels beside it: about 590 px wide at dpi 92, shown at its natural size, so each
+    # bar chart keeps about 400 px and 11-13 pt text is 14-17 px on the page
+    fig, axes = plt.subplots(n, 2, figsize=(6.4, 1.5 * n + 0.7), squeeze=False, gridspec_kw=dict(width_ratios=[1, 3.4]))
+    probs = F.softmax(teacher_logits / check_tau(tau), dim=1).numpy()
+    for j in range(n):
+        axes[j, 0].imshow(images[j], cmap="gray_r")
+        axes[j, 0].set_axis_off()
+        entropy = -(probs[j] * np.log(np.clip(probs[j], 1e-300, None))).sum()
+        colors = ["C1" if k == labels[j] else "C0" for k in range(probs.shape[1])]
+        axes[j, 1].bar(range(probs.shape[1]), probs[j], color=colors)
+        axes[j, 1].set(ylim=(0, 1), xticks=range(probs.shape[1]))
+        axes[j, 1].tick_params(labelsize=11)
+        axes[j, 1].set_title(f"label {labels[j]}: H = {entropy:.2f} nats", fontsize=11, loc="left")
+        axes[j, 1].set_ylabel("σ(z_t/τ)", fontsize=12)
+    axes[-1, 1].set_xlabel("class (digit)", fontsize=12)
+    fig.suptitle(f"teacher's softened labels at τ = {tau:g}", fontsize=13)
+    fig.tight_layout()
+    return fig

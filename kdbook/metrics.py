@@ -20,13 +20,13 @@ def _check_logits(logits: torch.Tensor, name: str = "logits"):
     if torch.isnan(logits).any() or torch.isposinf(logits).any():  # -inf is a fine logit: probability 0
         raise ValueError(f"{name} hold NaN or +inf values (a diverged model?); no metric of them is meaningful")
 
-
+# %% ../chapters/11_metrics.ipynb #3db0e47a
 def _check_pair(teacher_logits: torch.Tensor, student_logits: torch.Tensor):
     check_logits_pair(teacher_logits, student_logits, ("teacher_logits", "student_logits"))
     _check_logits(teacher_logits, "teacher_logits")
     _check_logits(student_logits, "student_logits")
 
-
+# %% ../chapters/11_metrics.ipynb #47094d01
 def _check_labels(logits: torch.Tensor, labels: torch.Tensor):
     _check_logits(logits)
     check_labels(labels, logits)
@@ -39,7 +39,7 @@ def accuracy(logits: torch.Tensor,  # (n, c) logits
     _check_labels(logits, labels)
     return (logits.argmax(dim=1) == labels.to(logits.device)).double().mean().item()
 
-
+# %% ../chapters/11_metrics.ipynb #39ca0670
 def nll(logits: torch.Tensor,  # (n, c) logits
         labels: torch.Tensor,  # (n,) class indices
        ) -> float:
@@ -47,7 +47,7 @@ def nll(logits: torch.Tensor,  # (n, c) logits
     _check_labels(logits, labels)
     return F.cross_entropy(logits.double(), labels.to(logits.device)).item()
 
-
+# %% ../chapters/11_metrics.ipynb #6fc7fe61
 def ece(logits: torch.Tensor,  # (n, c) logits
         labels: torch.Tensor,  # (n,) class indices
         n_bins: int = 10,  # number of equal-width confidence bins (the paper uses 10)
@@ -74,7 +74,7 @@ def top1_agreement(teacher_logits: torch.Tensor,  # (n, c) teacher logits z_t
     _check_pair(teacher_logits, student_logits)
     return (teacher_logits.argmax(dim=1) == student_logits.argmax(dim=1)).double().mean().item()
 
-
+# %% ../chapters/11_metrics.ipynb #898dfe3e
 def predictive_kl(teacher_logits: torch.Tensor,  # (n, c) teacher logits z_t
                   student_logits: torch.Tensor,  # (n, c) student logits z_s
                  ) -> float:
@@ -92,7 +92,7 @@ def _activations(x: torch.Tensor, name: str) -> torch.Tensor:
         raise ValueError(f"{name} needs at least 2 examples for CKA, got {x.shape[0]}")
     return x.reshape(x.shape[0], -1).double()
 
-
+# %% ../chapters/11_metrics.ipynb #e5047848
 def _centred_gram_pair(x: torch.Tensor, y: torch.Tensor):
     x, y = _activations(x, "x"), _activations(y, "y")
     if x.shape[0] != y.shape[0]:
@@ -100,11 +100,11 @@ def _centred_gram_pair(x: torch.Tensor, y: torch.Tensor):
                          "same examples, so pass the same inputs through both networks")
     return x, y.to(x.device)
 
-
+# %% ../chapters/11_metrics.ipynb #92d6eb0f
 def _centre(k: torch.Tensor) -> torch.Tensor:
     return k - k.mean(dim=0, keepdim=True) - k.mean(dim=1, keepdim=True) + k.mean()
 
-
+# %% ../chapters/11_metrics.ipynb #c48967ba
 def _cka_from_grams(k: torch.Tensor, l: torch.Tensor) -> float:
     kc, lc = _centre(k), _centre(l)
     hsic_kl, hsic_kk, hsic_ll = (kc * lc).sum(), (kc * kc).sum(), (lc * lc).sum()
@@ -112,7 +112,7 @@ def _cka_from_grams(k: torch.Tensor, l: torch.Tensor) -> float:
         raise ValueError("CKA is undefined: one of the activation matrices is constant across examples")
     return (hsic_kl / torch.sqrt(hsic_kk * hsic_ll)).item()
 
-
+# %% ../chapters/11_metrics.ipynb #12eabece
 def cka_linear(x: torch.Tensor,  # (n, ...) activations of n examples in the first network
                y: torch.Tensor,  # (n, ...) activations of the same n examples in the second network
               ) -> float:
@@ -120,7 +120,7 @@ def cka_linear(x: torch.Tensor,  # (n, ...) activations of n examples in the fir
     x, y = _centred_gram_pair(x, y)
     return _cka_from_grams(x @ x.T, y @ y.T)
 
-
+# %% ../chapters/11_metrics.ipynb #932a7baa
 def _rbf_gram(x: torch.Tensor, sigma_frac: float) -> torch.Tensor:
     sq_norms = (x * x).sum(dim=1)
     sq_dist = (sq_norms[:, None] + sq_norms[None, :] - 2 * x @ x.T).clamp_min(0)
@@ -132,7 +132,7 @@ def _rbf_gram(x: torch.Tensor, sigma_frac: float) -> torch.Tensor:
         raise ValueError("CKA is undefined: the median pairwise distance is 0 (activations are (nearly) constant)")
     return torch.exp(-sq_dist / (2 * sigma_sq))
 
-
+# %% ../chapters/11_metrics.ipynb #514848dc
 def cka_rbf(x: torch.Tensor,  # (n, ...) activations of n examples in the first network
             y: torch.Tensor,  # (n, ...) activations of the same n examples in the second network
             sigma_frac: float = 0.5,  # RBF bandwidth as a fraction of the median pairwise distance

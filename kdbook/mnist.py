@@ -26,7 +26,7 @@ def _as_int_array(x, name: str) -> np.ndarray:
                          "pass logits.argmax(1) for predictions")
     return a.astype(np.int64)
 
-
+# %% ../chapters/21_mnist.ipynb #bc00c364
 def confusion_matrix(labels,  # true classes, (n,) ints
                      preds,  # predicted classes, (n,) ints
                      num_classes: int,  # C; classes are 0..C-1
@@ -40,7 +40,7 @@ def confusion_matrix(labels,  # true classes, (n,) ints
             raise ValueError(f"{name} must lie in 0..{num_classes - 1}; check num_classes")
     return np.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(num_classes, num_classes)
 
-
+# %% ../chapters/21_mnist.ipynb #66eff4ac
 def classification_report(labels,  # true classes, (n,) ints
                           preds,  # predicted classes, (n,) ints
                           num_classes: int,  # C
@@ -104,7 +104,7 @@ def near_chance(accuracy,  # test accuracy in % (a number or an array of them)
         raise ValueError(f"need an integer num_classes >= 2 and factor > 0, got {num_classes!r}, {factor!r}")
     return np.asarray(accuracy, dtype=float) < factor * 100.0 / num_classes
 
-
+# %% ../chapters/21_mnist.ipynb #a9de1e25
 def summarize_runs(values,  # (runs, ...) one row per run
                    stalled=None,  # (runs,) bool: runs to leave out (see near_chance); None: none
                   ) -> dict:
@@ -120,7 +120,7 @@ def summarize_runs(values,  # (runs, ...) one row per run
     std = used.std(0, ddof=1) if len(used) > 1 else nan
     return dict(mean=mean, std=std, n=int(keep.sum()), n_stalled=int((~keep).sum()))
 
-
+# %% ../chapters/21_mnist.ipynb #0fc3e509
 def format_pm(mean, std, n: int, digits: int = 2, unit: str = "") -> str:
     "'mean ± std unit (n = n)', without the ± when n < 2; 'no run left' when n = 0."
     if n == 0 or not np.isfinite(mean):
@@ -130,7 +130,6 @@ def format_pm(mean, std, n: int, digits: int = 2, unit: str = "") -> str:
         text += f" ± {std:.{digits}f}"
     return f"{text}{unit} (n = {n})"
 
-
 # %% ../chapters/21_mnist.ipynb #6bd54cf0
 def soft_label_entropy(teacher_logits: torch.Tensor,  # (n, C) teacher logits z_t
                        tau: float,  # temperature
@@ -139,7 +138,7 @@ def soft_label_entropy(teacher_logits: torch.Tensor,  # (n, C) teacher logits z_
     logp = torch.log_softmax(teacher_logits.double() / check_tau(tau), dim=1)
     return float(-(logp.exp() * logp).sum(1).mean())
 
-
+# %% ../chapters/21_mnist.ipynb #a9c0d247
 def kd_logit_gradients(student_logits: torch.Tensor,  # (n, C) z_s
                        teacher_logits: torch.Tensor,  # (n, C) z_t
                        labels: torch.Tensor,  # (n,) true classes
@@ -157,7 +156,7 @@ def kd_logit_gradients(student_logits: torch.Tensor,  # (n, C) z_s
     g_kd = (1 - alpha) * tau * (torch.softmax(zs / tau, 1) - torch.softmax(zt / tau, 1))
     return g_nll, g_kd
 
-
+# %% ../chapters/21_mnist.ipynb #d9ef8008
 def label_gradient_share(student_logits: torch.Tensor,  # (n, C) z_s
                          teacher_logits: torch.Tensor,  # (n, C) z_t
                          labels: torch.Tensor,  # (n,) true classes
@@ -180,7 +179,7 @@ def _mean_std(rows) -> tuple:
     std = np.where(n > 1, np.sqrt(dev.sum(0) / np.maximum(n - 1, 1)), 0.0)
     return mean, std
 
-
+# %% ../chapters/21_mnist.ipynb #2c6d72ab
 def plot_figure2(sizes,  # distillation-set sizes (x axis), one per point
                  agreement,  # (trials, points) test agreement of the students, %
                  accuracy,  # (trials, points) test accuracy of the students, %
@@ -217,7 +216,7 @@ def plot_figure2(sizes,  # distillation-set sizes (x axis), one per point
     fig.tight_layout()
     return fig
 
-
+# %% ../chapters/21_mnist.ipynb #579d86e6
 def plot_alpha_tau_heatmaps(alphas,  # the alpha grid (rows)
                             taus,  # the tau grid (columns)
                             panels: dict,  # title -> (len(alphas), len(taus)) array
@@ -244,7 +243,7 @@ def plot_alpha_tau_heatmaps(alphas,  # the alpha grid (rows)
     fig.tight_layout()
     return fig
 
-
+# %% ../chapters/21_mnist.ipynb #597828d5
 def plot_confusion_matrices(matrices: dict,  # model name -> (C, C) confusion matrix
                             class_names,  # C class names
                            ):

@@ -49,7 +49,7 @@ def norm2d(norm: str,  # "batch" (BatchNorm2d) or "layer" (GroupNorm(1, C), §6.
         return nn.GroupNorm(1, channels)
     raise ValueError(f"unknown norm {norm!r}: use one of {NORMS}")
 
-
+# %% ../chapters/a2_models.ipynb #6e95aa13
 class BasicBlock(nn.Module):
     "Pre-activation basic block: (norm-ReLU-conv3x3) x 2 plus the shortcut."
     expansion = 1
@@ -67,7 +67,7 @@ class BasicBlock(nn.Module):
         out = self.conv2(F.relu(self.bn2(out)))
         return out + (x if self.downsample is None else self.downsample(x))
 
-
+# %% ../chapters/a2_models.ipynb #345199a4
 class Bottleneck(nn.Module):
     "Pre-activation bottleneck block: norm-ReLU-conv1x1, norm-ReLU-conv3x3, norm-ReLU-conv1x1 (x4 channels)."
     expansion = 4
@@ -88,7 +88,7 @@ class Bottleneck(nn.Module):
         out = self.conv3(F.relu(self.bn3(out)))
         return out + (x if self.downsample is None else self.downsample(x))
 
-
+# %% ../chapters/a2_models.ipynb #0e45f6f0
 def _shortcut(inplanes, outplanes, stride):
     # The authors' shortcut is a bare 1x1 conv (no norm), only where the shape changes.
     if stride == 1 and inplanes == outplanes:
@@ -109,7 +109,7 @@ def _blocks_per_stage(depth, block="auto"):
         raise ValueError(f"depth {depth} with basic blocks (the default below depth 44) must be 6n+2 >= 8 (e.g. 8, 20, 32)")
     return BasicBlock, (depth - 2) // 6
 
-
+# %% ../chapters/a2_models.ipynb #7a153e51
 class PreResNet(nn.Module):
     "Pre-activation ResNet for 32x32 inputs, as in the authors' code (basic blocks below depth 44, bottlenecks from 44)."
 
@@ -175,14 +175,17 @@ def preresnet(depth: int,  # 6n+2 (< 44, basic blocks) or 9n+2 (>= 44, bottlenec
     "A pre-activation ResNet of any valid depth (the authors' `PreResNet`)."
     return PreResNet(depth, num_classes=num_classes, norm=norm, width=width, in_channels=in_channels, block=block)
 
+# %% ../chapters/a2_models.ipynb #eb0bafdb
 def resnet20(num_classes: int = 100, norm: str = "batch", width: int = 16, in_channels: int = 3) -> PreResNet:
     "ResNet-20: 3 basic blocks per stage (§6.2 uses it with norm='layer')."
     return preresnet(20, num_classes, norm, width, in_channels)
 
+# %% ../chapters/a2_models.ipynb #aa493092
 def resnet56(num_classes: int = 100, norm: str = "batch", width: int = 16, in_channels: int = 3) -> PreResNet:
     "ResNet-56 of §4-5: 6 bottleneck blocks per stage (x4 expansion), as in the authors' code."
     return preresnet(56, num_classes, norm, width, in_channels)
 
+# %% ../chapters/a2_models.ipynb #74a5cb99
 def resnet110(num_classes: int = 100, norm: str = "batch", width: int = 16, in_channels: int = 3) -> PreResNet:
     "ResNet-110: 12 bottleneck blocks per stage, the ResNet-56 student with its depth doubled (App. C.1)."
     return preresnet(110, num_classes, norm, width, in_channels)

@@ -38,7 +38,7 @@ def _png(view) -> bytes:
         return figure_to_png(view)
     raise ValueError(f"a view must be PNG bytes or a matplotlib Figure, got {type(view).__name__}")
 
-
+# %% ../chapters/a4_figures.ipynb #d85f329b
 def slider_stack(views: Mapping,  # slider value -> PNG bytes or matplotlib Figure, in slider order
                  description: str = "value",  # label shown left of the slider, e.g. "τ"
                  initial=None,  # slider value shown first (default: the first one)
@@ -62,7 +62,7 @@ def slider_stack(views: Mapping,  # slider value -> PNG bytes or matplotlib Figu
     widgets.jslink((slider, "index"), (stack, "selected_index"))
     return widgets.VBox([slider, stack])
 
-
+# %% ../chapters/a4_figures.ipynb #f5fa3199
 def slider_live(render,  # render(value) -> matplotlib Figure, called on every move of the slider
                 values,  # the slider values, in order
                 description: str = "value",  # label shown left of the slider
@@ -100,11 +100,11 @@ def mean_std(values,  # per-seed (or per-example) values of one quantity
         raise ValueError("mean_std needs at least one value")
     return float(a.mean()), (float(a.std(ddof=1)) if a.size > 1 else None), int(a.size)
 
-
+# %% ../chapters/a4_figures.ipynb #95d78d6e
 def _is_int(x) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
-
+# %% ../chapters/a4_figures.ipynb #ba4d648d
 def _fmt(x, unit: str = "", digits: int = 3) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "–"
@@ -117,7 +117,7 @@ def _fmt(x, unit: str = "", digits: int = 3) -> str:
     text = f"{x:.{digits}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{digits}f}"
     return f"{text} {unit}".rstrip()
 
-
+# %% ../chapters/a4_figures.ipynb #8ae9a399
 def _paper_number(paper):
     if isinstance(paper, bool):
         return None
@@ -125,7 +125,7 @@ def _paper_number(paper):
         return paper
     return None
 
-
+# %% ../chapters/a4_figures.ipynb #d8db1b4f
 def _ours(row) -> tuple:
     "(mean, std, n) of a row: from its `values` (sample std) or from ours_mean / ours_std / n as given."
     if "values" in row:
@@ -135,7 +135,7 @@ def _ours(row) -> tuple:
         return mean, std, n
     return row["ours_mean"], row.get("ours_std"), row.get("n")
 
-
+# %% ../chapters/a4_figures.ipynb #7795c864
 def _caption(profile, device) -> str:
     if not profile and not device:
         return ""
@@ -143,7 +143,7 @@ def _caption(profile, device) -> str:
              "ours: mean ± sample std over the n values named in each row"]
     return " · ".join(p for p in parts if p)
 
-
+# %% ../chapters/a4_figures.ipynb #1ffd93d8
 def discrepancy_rows_html(rows,  # list of dicts, see `discrepancy_table`
                           reference: str = "paper",  # header of the reference column: "paper", or what the reference is
                           profile: str | None = None,  # profile the numbers were computed at (said in the caption)
@@ -194,7 +194,7 @@ def discrepancy_rows_html(rows,  # list of dicts, see `discrepancy_table`
     out += ["</tbody>", "</table>"]
     return "\n".join(out)
 
-
+# %% ../chapters/a4_figures.ipynb #4be383fd
 def discrepancy_table(rows,  # list of dicts: quantity, paper, ours_mean, ours_std, n (or values), unit, digits, verdict, reason
                       reference: str = "paper",  # header of the reference column when the reference is not the paper
                       profile: str | None = None,  # the chapter's profile; at "smoke" our numbers are not shown

@@ -238,3 +238,63 @@ def test_nan_logits_are_named():
         kd_loss(z, z)
     with pytest.raises(ValueError, match="NaN"):
         nll(z, torch.zeros(4, dtype=torch.long))
+
+
+# ---------------------------------------------------------------- the refusal catalogues moved out of chapters 10 and 11
+def _z(seed, n=64, c=10):
+    g = torch.Generator().manual_seed(seed)
+    return 2 * torch.randn(n, c, generator=g, dtype=torch.float64)
+
+
+_ZS, _ZT, _Y = _z(0), _z(1), torch.randint(0, 10, (64,), generator=torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: kd_loss(_ZS, _ZT, tau=0), "tau must be > 0"),
+    (lambda: kd_loss(_ZS, _ZT, tau=-1.0), "tau must be > 0"),
+    (lambda: kd_loss(_ZS, _ZT, tau=float("inf")), "finite"),
+    (lambda: kd_loss(_ZS, _ZT, tau=float("nan")), "finite"),
+    (lambda: kd_loss(_ZS, _ZT, tau="4"), "real number"),
+    (lambda: kd_loss(_ZS, _ZT, alpha=1.5), "alpha must be"),
+    (lambda: kd_loss(_ZS, _ZT, alpha=-0.1), "alpha must be"),
+    (lambda: kd_loss(_ZS, _ZT[:, :5]), "same shape"),
+    (lambda: kd_loss(_ZS, _ZT[:10]), "same shape"),
+    (lambda: kd_loss(_ZS[0], _ZT[0]), "shape (batch, n_classes)"),
+    (lambda: kd_loss(_ZS, _ZT, alpha=0.5), "needs labels"),
+    (lambda: kd_loss(_ZS, _ZT, _Y[:5], alpha=0.5), "labels must have shape"),
+    (lambda: kd_loss(_ZS, _ZT, torch.full_like(_Y, 99), alpha=0.5), "outside the"),
+    (lambda: kd_loss(_ZS, _ZT, _Y.float(), alpha=0.5), "integer class indices"),
+    (lambda: kd_loss(_ZS[:0], _ZT[:0]), "batch > 0"),
+    (lambda: kd_loss(_ZS, _ZT, tau=1e-320), "at tau=1e-320"),  # logits/tau overflows: not a number
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_kd_loss_refuses_with_a_message(call, message):
+    with pytest.raises(ValueError) as e:
+        call()
+    assert message in str(e.value), str(e.value)
+
+
+_ZM = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.4, 0.6]]).log()
+_YM = torch.tensor([0, 1, 1, 1])
+_XC = torch.randn(200, 30, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+_YC = _XC[:, :15] + 0.5 * torch.randn(200, 15, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("call,message", [
+    (lambda: ece(_ZM, _YM, n_bins=0), "n_bins"),
+    (lambda: accuracy(_ZM, _YM[:2]), "labels"),
+    (lambda: nll(torch.zeros(4), _YM), "shape"),
+    (lambda: accuracy(_ZM, torch.tensor([0, 1, 2, 1])), "outside the 2 classes"),
+    (lambda: nll(_ZM, _YM.float()), "integer class indices"),
+    (lambda: accuracy(_ZM[:0], _YM[:0]), "batch > 0"),
+    (lambda: ece(_ZM * float("nan"), _YM), "NaN"),
+    (lambda: top1_agreement(_ZS, _ZT[:, :5]), "same shape"),
+    (lambda: predictive_kl(_ZS[0], _ZT[0]), "shape"),
+    (lambda: cka_linear(_XC, _YC[:100]), "same examples"),
+    (lambda: cka_rbf(_XC, _YC[:100]), "same examples"),
+    (lambda: cka_rbf(_XC, _YC, sigma_frac=0), "sigma_frac"),
+    (lambda: cka_linear(torch.ones(10, 3, dtype=torch.float64), _YC[:10]), "constant"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_metrics_refuse_with_a_message(call, message):
+    with pytest.raises(ValueError) as e:
+        call()
+    assert message in str(e.value), str(e.value)
