@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 
 SOURCES = {"synthetic": "s42-student", "recycling": "s52-student", "policies": "s51-student"}  # Figure 5 left, middle, right
-FIG5_POLICIES = ("baseline", "rotation", "vflip", "color_jitter", "combined")  # the policies of Figure 5 (right)
+from .policies import FIG5_POLICIES  # the policies of Figure 5 (right), defined with §5.1's runs
 
 # %% auto #0
-__all__ = ['SOURCES', 'FIG5_POLICIES', 'CONTEXT_FIELDS', 'CHAPTER', 'select', 'group', 'context', 'check_group', 'synthetic_key',
-           'recycling_key', 'policies_key', 'gpu_plan']
+__all__ = ['SOURCES', 'CONTEXT_FIELDS', 'CHAPTER', 'select', 'group', 'context', 'check_group', 'synthetic_key', 'recycling_key',
+           'policies_key', 'gpu_plan']
 
 # %% ../chapters/61_train_agreement.ipynb #f8aa0396
 def _same_recipe(params: dict, recipe: dict) -> bool:
