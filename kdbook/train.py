@@ -607,7 +607,7 @@ MNIST_PAIR = {"smoke": dict(n_train=512, n_test=500, epochs=3, batch_size=32, op
               "paper": dict(n_train=60_000, n_test=10_000, epochs=100, batch_size=128, optimizer="sgd", lr=0.1,
                             weight_decay=1e-4, eval_every=100)}
 # ESTIMATES of LeNet-5 images per second on a CPU (batch 128), measured with fit and predict_logits on a 2-core CPU
-# shared with other jobs (about 810/s training, 4,100/s evaluation); the GPU machine's CPU is not assumed faster.
+# shared with other jobs (about 810/s training, 4,100/s evaluation); a GPU computer's CPU is not assumed faster.
 CPU_LENET_IMAGES_PER_S = {"train": 800.0, "eval": 4000.0}
 
 
@@ -645,5 +645,5 @@ def gpu_plan(profile: str,  # "smoke", "quick" or "paper"
     r = CPU_LENET_IMAGES_PER_S
     items.append(Item(_CHAPTER, f"MNIST LeNet-5 teacher and student on the CPU: {p['epochs']} epochs x {p['n_train']:,}",
                       train_images / r["train"] + eval_images / r["eval"],
-                      basis="ESTIMATE: CPU_LENET_IMAGES_PER_S (the GPU machine is held meanwhile)"))
+                      basis="ESTIMATE: CPU_LENET_IMAGES_PER_S (the GPU waits meanwhile)"))
     return items

@@ -233,4 +233,4 @@ def test_mnist_pair_configs_run_on_the_cpu():
         assert teacher.device == student.device == "cpu"
         assert teacher.epochs == student.epochs == p["epochs"] and teacher.eval_every == p["eval_every"]
         assert student.lr_min == (1e-6 if p["optimizer"] == "sgd" else 0.0)
-    assert MNIST_PAIR["quick"]["n_train"] <= 10_000  # small: it runs on the CPU while the GPU machine is held
+    assert MNIST_PAIR["quick"]["n_train"] <= 10_000  # small: it runs on the CPU while the GPU waits
