@@ -204,3 +204,33 @@ def test_teacher_logits_computed_once_per_teacher_and_data(mnist):
         hook.remove()
     cached = kt.teacher_logits(teacher, test.images, 1000, torch.device("cpu"))
     assert torch.equal(cached, predict_logits(teacher, test.images, 1000)), "the cache returns the same numbers"
+
+
+def test_gpu_plan_shares_the_zoo_work_and_reads_mnist_pair(monkeypatch):
+    "A.3's plan: the zoo's keyed teacher/student items (the same keys §4.2 plans, so counted once) + its own CPU pair."
+    import kdbook.train as train
+    import kdbook.zoo as zoo
+    from kdbook.costs import START_S, project
+    items = train.gpu_plan("quick")
+    keyed = [it.key for it in items if it.key is not None]
+    assert len(keyed) == zoo.N_TRIALS["quick"] + 1 and len(set(keyed)) == len(keyed)
+    assert set(keyed) <= {it.key for it in zoo.gpu_plan("quick")}  # teachers 0, 1 and the +0 self students of §4.2
+    per = project(zoo.gpu_plan("quick") + items)
+    own = sum(it.seconds for it in items if it.key is None)
+    assert per["a3_training"] == pytest.approx(own / 60) and own > START_S
+    # the MNIST item moves with the chapter's own table (no second copy of the sizes)
+    before = own
+    monkeypatch.setitem(train.MNIST_PAIR, "quick", {**train.MNIST_PAIR["quick"], "n_train": 2 * train.MNIST_PAIR["quick"]["n_train"]})
+    assert sum(it.seconds for it in train.gpu_plan("quick") if it.key is None) > before
+    with pytest.raises(ValueError, match="valid profiles"):
+        train.gpu_plan("fast")
+
+
+def test_mnist_pair_configs_run_on_the_cpu():
+    from kdbook.train import MNIST_PAIR, mnist_configs
+    for profile, p in MNIST_PAIR.items():
+        teacher, student = mnist_configs(profile)
+        assert teacher.device == student.device == "cpu"
+        assert teacher.epochs == student.epochs == p["epochs"] and teacher.eval_every == p["eval_every"]
+        assert student.lr_min == (1e-6 if p["optimizer"] == "sgd" else 0.0)
+    assert MNIST_PAIR["quick"]["n_train"] <= 10_000  # small: it runs on the CPU while the GPU waits
