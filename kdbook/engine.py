@@ -289,6 +289,8 @@ class Step:
                     losses = losses + self.alpha * ce_terms(z, y)
                 agree = (z.argmax(-1) == zt.argmax(-1)).float().sum(-1)
         losses.sum().backward()
+        if getattr(self.model, "streams", False):  # LoopStack(streams=True): the members' backward ran on their
+            self.model.join_streams()  # streams; the update waits for their gradients
         self.opt.step()
         with torch.no_grad():
             if self.trace:
@@ -372,18 +374,51 @@ class GraphedStep:
 class LoopStack(nn.Module):
     """k models of one architecture run one after another inside one step (and so inside one CUDA graph):
     plain convolutions, exactly the arithmetic of k separate runs. Takes (k, B, ...) or, with
-    `shared_input`, one (B, ...) batch for all; returns (k, B, C). The members are the caller's modules."""
+    `shared_input`, one (B, ...) batch for all; returns (k, B, C). The members are the caller's modules.
+    `streams=True`: on CUDA each member runs on its own CUDA stream (parallel branches, graph-capturable)."""
 
-    def __init__(self, models, shared_input: bool = False):
+    def __init__(self, models, shared_input: bool = False,
+                 streams: bool = False,  # CUDA: members' forward (and so backward) on parallel streams; CPU: the loop
+                 ):
         super().__init__()
         if not models:
             raise ValueError("LoopStack needs at least one model")
-        self.members, self.shared_input, self.k = nn.ModuleList(models), shared_input, len(models)
+        if not isinstance(streams, bool):
+            raise ValueError(f"LoopStack(streams=...) must be True or False, got {streams!r}")
+        self.members, self.shared_input, self.k, self.streams = nn.ModuleList(models), shared_input, len(models), streams
+        self._side = {}  # CUDA device -> k side streams, created on first use
+
+    def __getstate__(self):  # copies (deepcopy, pickle) make their own streams
+        return {**self.__dict__, "_side": {}}
+
+    def _side_streams(self, device) -> list:
+        if device not in self._side:
+            self._side[device] = [torch.cuda.Stream(device) for _ in range(self.k)]
+        return self._side[device]
 
     def forward(self, x):
         if not self.shared_input and x.shape[0] != self.k:
             raise ValueError(f"expected one batch per model, shape ({self.k}, B, ...), got {tuple(x.shape)}")
-        return torch.stack([m(x if self.shared_input else x[i]) for i, m in enumerate(self.members)])
+        if not (self.streams and x.is_cuda and self.k > 1):
+            return torch.stack([m(x if self.shared_input else x[i]) for i, m in enumerate(self.members)])
+        main = torch.cuda.current_stream(x.device)  # the capture stream while a CUDA graph is captured
+        outs = []
+        for i, (m, side) in enumerate(zip(self.members, self._side_streams(x.device))):
+            side.wait_stream(main)  # fork: the batch (and everything before) is ready
+            with torch.cuda.stream(side):
+                z = m(x if self.shared_input else x[i])
+            z.record_stream(main)  # made on `side`, read on `main`: not reused before main has read it
+            outs.append(z)
+        self.join_streams(x.device)
+        return torch.stack(outs)
+
+    def join_streams(self, device=None):
+        "Make the current stream wait for every member's stream (after the backward: the gradients are ready)."
+        for dev, sides in self._side.items():
+            if device is None or dev == device:
+                main = torch.cuda.current_stream(dev)
+                for side in sides:
+                    main.wait_stream(side)
 
     def copy_to(self, models):
         "Nothing to copy: the members are the caller's modules (kept for the interface of kdbook.packing.Packed)."
