@@ -844,6 +844,7 @@ def benchmark_rows(record: dict) -> list:
              "total × (a)": r.get("ratio_total_to_a"), "s per 50k epoch per model": r.get("s_per_50k_epoch_per_model"),
              "s per 50k epoch amortised": r.get("s_per_50k_epoch_amortized"),
              "graphed": r.get("graphed"), "error": r.get("error") or r.get("graph_error") or ""}
+            | ({"s per generator step": r["s_per_generator_step"]} if "s_per_generator_step" in r else {})  # (g) rows
             for r in record["rows"]]
 
 
