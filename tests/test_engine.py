@@ -411,3 +411,33 @@ def test_store_meta_tells_graphed_from_eager(tmp_path):
     rec = store.run("t", {"e": 1}, lambda: {"loss": fit(_Tiny(0), train, train, cfg(epochs=1), seed=0)["train_loss"]}, 0)
     assert rec["meta"]["cuda_graphs"] == {"graphed": 0, "eager": 1}  # a CPU run never captures a graph
     assert "cuda_graphs" not in store.run("u", {"e": 1}, lambda: {"x": 1}, 0)["meta"]  # no training, no entry
+
+
+def test_benchmark_probe_runs_on_cpu(tmp_path):
+    """`benchmarks/distill_throughput.py --probe --device cpu` runs every probe row (teacher fit, same-batch students,
+    students on parallel streams beside the loop, the SN-GAN) end to end and writes its record where --out says."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from kdbook.engine import benchmark_rows
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "distill_throughput.py"
+    spec = importlib.util.spec_from_file_location("distill_throughput", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "sub" / "probe.json"
+    record = bench.main(["--probe", "--device", "cpu", "--threads", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(record))
+    assert record["probe"] and record["format"] == 2 and record["config"]["data"] == "random uint8 images"
+    rows = record["rows"]
+    assert [r for r in rows if r.get("error")] == []
+    assert {r["row"] for r in rows} == {"t", "d", "s", "g"}
+    assert {(r["k"], r["packing"]) for r in rows if r["row"] == "s"} == {(4, "loop"), (4, "streams")}
+    assert sorted(r["k"] for r in rows if r["row"] == "d") == [1, 4] and all(r["same_batches"] for r in rows if r["row"] == "d")
+    gan = [r for r in rows if r["row"] == "g"]
+    assert len(gan) == 1 and gan[0]["s_per_generator_step"] > 0 and gan[0]["n_dis"] == 5
+    assert all(r["images_per_s_total"] > 0 for r in rows if r["row"] != "g")
+    table = benchmark_rows(record)
+    assert table[-1]["s per generator step"] == gan[0]["s_per_generator_step"]
+    with pytest.raises(SystemExit):  # bad settings stop before anything runs
+        bench.main(["--probe", "--device", "cpu", "--gan-channels", "8", "--out", str(out)])

@@ -289,3 +289,83 @@ def test_batchnorm_counters_per_member_and_momentum_none():
                 b.momentum = None  # cumulative average: the shared counter would be wrong for one member
     with pytest.raises(ValueError, match="momentum=None"):
         pack(models)
+
+
+# --- LoopStack(streams=True): members on parallel CUDA streams; on a CPU the plain loop ------------------------------
+
+def _stream_step_run(streams, shared, device, steps=3, graphs=False, k=3):
+    "`steps` engine steps of k BatchNorm ResNet-20s in a LoopStack; returns (state dicts, loss sums, graphed)."
+    from kdbook.engine import FunctionalOptimizer, GraphedStep, LoopStack, Step, TrainConfig
+    models, shape = _members("resnet20", k, seed=1)
+    teacher = None
+    if shared:  # distillation: one teacher labels the shared batch
+        torch.manual_seed(2)
+        teacher = ARCHS["resnet20"][0]().eval().to(device)
+    models = [m.to(device) for m in models]
+    stack = LoopStack(models, shared_input=shared, streams=streams)
+    cfg = TrainConfig(batch_size=8, lr=0.05, device=str(device), amp=False, channels_last=False, progress=False)
+    opt = FunctionalOptimizer(stack.parameters(), cfg)
+    step = Step(stack, opt, k, teacher, tau=4.0, packed=True, shared_input=shared, amp=False, device=device)
+    runner = GraphedStep(step, graphs)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        x = torch.randn((8, *shape) if shared else (k, 8, *shape), generator=g).to(device)
+        y = torch.randint(0, 10, (8,) if shared else (k, 8), generator=g).to(device)
+        runner(x, y)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return [{n: t.cpu() for n, t in m.state_dict().items()} for m in models], step.loss_sum.cpu(), runner.graphed
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_loopstack_streams_equals_loop_on_cpu(shared):
+    "On a CPU the option is accepted and is the loop: bit-identical weights, BatchNorm statistics and losses."
+    a, loss_a, _ = _stream_step_run(False, shared, torch.device("cpu"))
+    b, loss_b, _ = _stream_step_run(True, shared, torch.device("cpu"))
+    assert torch.equal(loss_a, loss_b)
+    assert loss_a.ne(0).all()
+    for sa, sb in zip(a, b):
+        assert list(sa) == list(sb)
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+    # the steps did train every member: its weights moved from their initial values
+    initial, _ = _members("resnet20", 3, seed=1)
+    for sa, m in zip(a, initial):
+        assert any(not torch.equal(sa[key], t) for key, t in m.state_dict().items() if t.is_floating_point())
+
+
+def test_loopstack_streams_option_checked_and_copyable():
+    from kdbook.engine import LoopStack
+    models, shape = _members("lenet5", 2)
+    with pytest.raises(ValueError, match="streams"):
+        LoopStack(models, streams="yes")
+    stack = LoopStack(models, streams=True)
+    assert stack.streams and not LoopStack(models).streams  # off by default
+    twin = copy.deepcopy(stack)  # a copy makes its own streams on first use
+    assert twin.streams and twin._side == {}
+    x = torch.randn(2, 4, *shape)
+    assert torch.equal(twin(x), stack(x))
+    stack.join_streams()  # nothing to join on a CPU: a no-op
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (parallel streams inside a CUDA graph)")
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("graphs", [False, True])
+def test_loopstack_streams_equals_loop_on_cuda(shared, graphs):
+    "On CUDA, members on parallel streams (eager, and captured in the whole-step graph) compute the loop's result."
+    dev = torch.device("cuda")
+    flags = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        a, loss_a, graphed_a = _stream_step_run(False, shared, dev, steps=6, graphs=graphs)
+        b, loss_b, graphed_b = _stream_step_run(True, shared, dev, steps=6, graphs=graphs)
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags
+    assert graphed_a == graphed_b == graphs
+    _close(loss_b, loss_a, rel=1e-5, atol=1e-6)
+    for sa, sb in zip(a, b):
+        for key in sa:
+            if key.endswith("num_batches_tracked"):
+                assert torch.equal(sa[key], sb[key]), key
+            else:
+                _close(sb[key], sa[key], rel=1e-4, atol=1e-6)
