@@ -47,7 +47,10 @@ def enlarged(base: Recipe,  # a basic-block ResNet recipe (ResNet-20, or a "prer
         raise ValueError(f"deepening works on basic-block ResNets (ResNet-20, 'preresnet' below depth 44), got {base.label}")
     return replace(base, arch="preresnet", depth=6 * factor * ((depth - 2) // 6) + 2)
 
+# %% auto #0
+__all__ = ['C_SETUP', 'enlarged', 'c_setup', 'c_conditions', 'gpu_plan', 'plot_groups', 'mean_sd_of', 'paired_gain']
 
+# %% ../chapters/c1_capacity.ipynb #4a15acd2
 def c_setup(profile: str,  # "smoke", "quick" or "paper"
             vgg_batch_norm: bool = True,  # VGG-16 with BatchNorm (the book's choice) or without (the authors' default)
             alphas=None,  # Figure 14's α values (None: the profile's)
@@ -73,9 +76,6 @@ def c_setup(profile: str,  # "smoke", "quick" or "paper"
     C["vgg_student"] = replace(b["student"], arch="vgg16", width=C["vgg_width"], batch_norm=vgg_batch_norm)
     return C
 
-# %% auto #0
-__all__ = ['C_SETUP', 'enlarged', 'c_setup', 'c_conditions', 'gpu_plan', 'plot_groups', 'mean_sd_of', 'paired_gain']
-
 # %% ../chapters/c1_capacity.ipynb #141a359b
 def c_conditions(C: dict,  # from c_setup
                  ) -> list:
@@ -88,7 +88,7 @@ def c_conditions(C: dict,  # from c_setup
     out += [("Fig. 14", b["student"], b["teacher"], C["alpha_m"], tau, a) for a in C["alphas"]]
     return out
 
-
+# %% ../chapters/c1_capacity.ipynb #479d21db
 def gpu_plan(profile: str = "quick",  # the profile to plan
              ) -> list:
     """The GPU work of Appendix C at `profile` (kdbook.costs Items), from C_SETUP and B_SETUP: the chapter's tables.
@@ -134,13 +134,13 @@ def plot_groups(ax,  # matplotlib Axes
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
 
-
+# %% ../chapters/c1_capacity.ipynb #f458c891
 def mean_sd_of(v: list) -> tuple:
     "(mean, sample std or 0.0 with one value)."
     mean, sd, _ = mean_std(v)
     return mean, (sd or 0.0)
 
-
+# %% ../chapters/c1_capacity.ipynb #475d6f34
 def paired_gain(base: list,  # student records of the base condition, one per trial
                 other: list,  # records of the compared condition, the same trials (seeds) in the same order
                 key: str,  # the metric, e.g. "test_agreement"

@@ -21,7 +21,12 @@ def repo_root() -> Path:
     import kdbook
     return Path(kdbook.__file__).resolve().parents[1]
 
+# %% auto #0
+__all__ = ['BENCHMARK', 'LN20_TEACHER', 'DEVICE', 'CAPTURE_S', 'START_S', 'ARCH_ALIASES', 'LEDGER_COLUMNS', 'repo_root',
+           'fit_student_teacher', 'unit_costs', 'student_s', 'teacher_fit_s', 'eval_s', 'gan_s', 'Item', 'toc_order',
+           'chapter_specs', 'owed', 'load_plan', 'plans', 'project', 'ledger_rows']
 
+# %% ../chapters/a3e_costs.ipynb #c38f295a
 def _read_json(root, rel: str) -> dict:
     path = Path(root) / rel
     if not path.exists():
@@ -29,7 +34,7 @@ def _read_json(root, rel: str) -> dict:
                                 "book (its results/ folder), or pass root= the repository")
     return json.loads(path.read_text())
 
-
+# %% ../chapters/a3e_costs.ipynb #d71b77a7
 def fit_student_teacher(rows: list,  # the benchmark's rows (dicts with row, k, same_batches, images_per_s_total)
                         members: int,  # teachers of the benchmark's ensemble
                         ) -> tuple[float, float, dict]:
@@ -44,7 +49,7 @@ def fit_student_teacher(rows: list,  # the benchmark's rows (dicts with row, k, 
     check = {k: (S + members * T / k) / y - 1 for k, y in same.items()}  # relative error of the fit per k
     return S, T, check
 
-
+# %% ../chapters/a3e_costs.ipynb #b215cc32
 @functools.lru_cache(maxsize=4)
 def unit_costs(root=None) -> dict:
     "Seconds per image (or per step) of every kind of GPU work on one H100: measured, fitted or estimated (see 'basis')."
@@ -83,7 +88,7 @@ def unit_costs(root=None) -> dict:
     # more memory-bound pass, LN a reduction over C*H*W: neither dominates a step that is latency-bound)
     return u
 
-
+# %% ../chapters/a3e_costs.ipynb #5a321ad7
 CAPTURE_S = 1.0  # ESTIMATE: three eager warm-up steps and the CUDA-graph capture of one training run
 START_S = 15.0  # ESTIMATE: one chapter run on the GPU machine: kernel start, imports, CUDA init, figures (test cells skipped)
 ARCH_ALIASES = {"resnet20_ln": "resnet20", "resnet20_bn": "resnet20"}
@@ -94,11 +99,6 @@ def _arch(arch: str, table: dict) -> str:
     if a not in table:
         raise ValueError(f"no unit cost for architecture {arch!r}: known are {sorted(table)} (add a rate to unit_costs)")
     return a
-
-# %% auto #0
-__all__ = ['BENCHMARK', 'LN20_TEACHER', 'DEVICE', 'CAPTURE_S', 'START_S', 'ARCH_ALIASES', 'LEDGER_COLUMNS', 'repo_root',
-           'fit_student_teacher', 'unit_costs', 'student_s', 'teacher_fit_s', 'eval_s', 'gan_s', 'Item', 'toc_order',
-           'chapter_specs', 'owed', 'load_plan', 'plans', 'project', 'ledger_rows']
 
 # %% ../chapters/a3e_costs.ipynb #9b20c628
 def student_s(images: float,  # student-images: epochs x distillation images (per student)
@@ -113,7 +113,7 @@ def student_s(images: float,  # student-images: epochs x distillation images (pe
     a = _arch(arch, u["student"])
     return images * (u["student"][a] + m * u["teacher"][a] / k)
 
-
+# %% ../chapters/a3e_costs.ipynb #7bbc826a
 def teacher_fit_s(images: float,  # epochs x training images
                   arch: str = "resnet56",  # architecture
                   ) -> float:
@@ -121,7 +121,7 @@ def teacher_fit_s(images: float,  # epochs x training images
     u = unit_costs()
     return images * u["fit"][_arch(arch, u["fit"])]
 
-
+# %% ../chapters/a3e_costs.ipynb #ee3e6daa
 def eval_s(images: float,  # images evaluated
            arch: str = "resnet56",  # architecture
            n_models: int = 1,  # networks evaluated on them (a student and its m teachers: m + 1)
@@ -130,7 +130,7 @@ def eval_s(images: float,  # images evaluated
     u = unit_costs()
     return images * n_models * u["eval"][_arch(arch, u["eval"])]
 
-
+# %% ../chapters/a3e_costs.ipynb #80a1b027
 def gan_s(steps: int,  # generator steps
           batch_size: int = 128,  # images per step
           n_dis: int = 5,  # discriminator steps per generator step
@@ -157,7 +157,7 @@ class Item:
         if self.key is not None and not isinstance(self.key, tuple):
             raise ValueError(f"Item {self.what!r} of {self.chapter}: key must be a tuple or None, got {self.key!r}")
 
-
+# %% ../chapters/a3e_costs.ipynb #096ba24a
 def toc_order(root) -> list:
     "The chapter stems in the book's order (_toc.yml)."
     import yaml
@@ -176,7 +176,7 @@ def toc_order(root) -> list:
     walk(toc.get("parts", toc))
     return stems
 
-
+# %% ../chapters/a3e_costs.ipynb #17b68bfa
 def chapter_specs(root) -> dict:
     "profiles.yml's chapters in the book's order: {stem: {published, target, plan}} (plan None where none is named)."
     import yaml
@@ -190,12 +190,12 @@ def chapter_specs(root) -> dict:
     order = {s: i for i, s in enumerate(toc_order(root))}
     return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))
 
-
+# %% ../chapters/a3e_costs.ipynb #e88326c9
 def owed(root, profile: str = "quick") -> list:
     "Chapters whose target is `profile` and which are not yet published at it."
     return [s for s, v in chapter_specs(root).items() if v["target"] == profile and v["published"] != profile]
 
-
+# %% ../chapters/a3e_costs.ipynb #90f46e74
 def load_plan(ref: str):
     "The function named by a profiles.yml plan field 'module:function'."
     if not isinstance(ref, str) or ref.count(":") != 1:
@@ -206,7 +206,7 @@ def load_plan(ref: str):
         raise ValueError(f"plan {ref!r}: {module} has no function {name}")
     return fn
 
-
+# %% ../chapters/a3e_costs.ipynb #f1f084ff
 def plans(root, profile: str = "quick") -> list:
     "Every Item of every chapter that names a plan in profiles.yml, in the book's order."
     items = []
@@ -220,7 +220,7 @@ def plans(root, profile: str = "quick") -> list:
             items.append(Item(*(getattr(it, f) for f in fields)))  # (an Item of the notebook's own definition too)
     return items
 
-
+# %% ../chapters/a3e_costs.ipynb #c7a36fbc
 def project(items: list,  # Items in the book's order
             ) -> dict:
     "{chapter: GPU-minutes}: shared keys counted once, charged to the first chapter (in `items`' order) that plans them."

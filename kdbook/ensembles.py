@@ -53,7 +53,7 @@ def vgg16_scaled(num_classes: int = 100,  # output logits
                   nn.Dropout(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)]
     return nn.Sequential(*layers, *classifier)
 
-
+# %% ../chapters/b1_ensemble_size.ipynb #091d3e9d
 @dataclass(frozen=True)
 class Net(Recipe):
     """A zoo Recipe that can also build any-depth pre-activation ResNets ("preresnet") and width-scaled VGG-16s.
@@ -140,7 +140,7 @@ def _check_list(name, values, kind, low):
         raise ValueError(f"{name} must not repeat, got {values}")
     return tuple(kind(v) for v in values)
 
-
+# %% ../chapters/b1_ensemble_size.ipynb #430d726a
 def b_setup(profile: str,  # "smoke", "quick" or "paper"
             **overrides,  # any key of B_SETUP[profile]; None keeps the profile's value
             ) -> dict:
@@ -164,14 +164,14 @@ def b_setup(profile: str,  # "smoke", "quick" or "paper"
             raise ValueError(f"{k} must be a kdbook.zoo.Recipe (or Net), got {type(S[k]).__name__}")
     return S
 
-
+# %% ../chapters/b1_ensemble_size.ipynb #b7a4ebee
 def b_points(S: dict,  # from b_setup
              ) -> list:
     "The (m, τ) students of Figures 9 and 10, each once: the τ × m grid, then Figure 10's sizes at τ = 1."
     pts = [(m, t) for t in S["taus"] for m in S["fig9_sizes"]]
     return pts + [(m, FIG10_TAU) for m in S["fig10_sizes"] if (m, FIG10_TAU) not in pts]
 
-
+# %% ../chapters/b1_ensemble_size.ipynb #109950db
 def subsampled_cifar100(n_train: int,  # class-balanced training images (50,000: all)
                         n_test: int,  # class-balanced test images (10,000: all)
                         seed: int,  # the subsets are a pure function of (n, seed)
@@ -196,7 +196,7 @@ def bc_params(teachers: list,  # [(record, model)]: the (ensemble) teacher
     return {"teachers": [r["key"] for r, _ in teachers], "recipe": student.to_dict(), "train": data_tag(train),
             "test": data_tag(test), "tau": float(tau), "alpha": float(alpha)}
 
-
+# %% ../chapters/b1_ensemble_size.ipynb #ad40e8d0
 def bc_students(store,  # kdbook.store.Store
                 teachers: list,  # [(record, model)]: the (ensemble) teacher, e.g. the first m zoo teachers
                 train: ImageSet,  # labelled distillation images (labels used only when alpha > 0)
@@ -240,7 +240,7 @@ def bc_students(store,  # kdbook.store.Store
 
     return [store.run(BC_NAME, params, lambda s=s: run(s), s, depends=[r for r, _ in teachers]) for s in seeds]
 
-
+# %% ../chapters/b1_ensemble_size.ipynb #35aa7fca
 def values(records: list,  # student records (bc_students)
            key: str,  # a result key, e.g. "test_agreement" (%), "test_acc" (%), "train_agreement" (%), "test_kl"
            ) -> list:
@@ -270,7 +270,7 @@ def cost_as(net: Recipe,  # a network's recipe
         raise ValueError(f"no GPU cost for {label}: add it to COST_AS (as a kdbook.costs architecture and a multiplier)")
     return COST_AS[label]
 
-
+# %% ../chapters/b1_ensemble_size.ipynb #c34f9605
 def plan_teachers(chapter: str, net: Recipe, seeds: list, n_train: int, n_test: int, seed: int) -> list:
     """Items of zoo teachers, keyed as `kdbook.zoo.zoo_item` keys them (architecture, data, recipe, seed): a teacher
     another chapter also plans is counted once, in the first chapter of the book's order."""
@@ -282,7 +282,7 @@ def plan_teachers(chapter: str, net: Recipe, seeds: list, n_train: int, n_test: 
                  key=(ZOO_NAME, net.arch, data, tuple(sorted(net.to_dict().items())), t),
                  basis="kdbook.costs teacher_fit_s x COST_AS + one evaluation + graph capture") for t in seeds]
 
-
+# %% ../chapters/b1_ensemble_size.ipynb #e29399ce
 def zoo_plus0_group(profile: str, S: dict, m: int, tau: float, alpha: float, seed: int) -> bool:
     "Whether a group is §4.2's +0 ensemble students (same teachers, recipe, data, τ and seeds)."
     from kdbook.zoo import N_TRIALS, ZOO_DATA, student_recipe, teacher_recipe
@@ -291,7 +291,7 @@ def zoo_plus0_group(profile: str, S: dict, m: int, tau: float, alpha: float, see
             and S["teacher"].to_dict() == teacher_recipe(profile).to_dict()
             and S["student"].to_dict() == student_recipe(profile).to_dict())
 
-
+# %% ../chapters/b1_ensemble_size.ipynb #299ab155
 def plan_students(chapter: str, student: Recipe, teacher: Recipe, m: int, tau: float, alpha: float, n_trials: int,
                   n_train: int, n_test: int, seed: int) -> "Item":
     "The Item of one same-batch pack of n_trials students of an m-teacher ensemble, with its evaluation."
@@ -308,7 +308,7 @@ def plan_students(chapter: str, student: Recipe, teacher: Recipe, m: int, tau: f
                 f"{student.epochs} epochs, same batches", train + evals + CAPTURE_S, key=key,
                 basis="per student-image S + m·T/k (kdbook.costs) x COST_AS; fp32 evaluation; graph capture")
 
-
+# %% ../chapters/b1_ensemble_size.ipynb #8d62be53
 def plan_group(chapter: str, profile: str, S: dict, student: Recipe, teacher: Recipe, m: int, tau: float,
                alpha: float, seed: int) -> "Item":
     "The Item of one student group of S (b_setup): §4.2's keyed Item where the group is its +0 ensemble students."
@@ -317,7 +317,7 @@ def plan_group(chapter: str, profile: str, S: dict, student: Recipe, teacher: Re
         return baseline_items(chapter, profile, 3)[0]
     return plan_students(chapter, student, teacher, m, tau, alpha, S["n_trials"], S["n_train"], S["n_test"], seed)
 
-
+# %% ../chapters/b1_ensemble_size.ipynb #22930464
 def gpu_plan(profile: str = "quick",  # the profile to plan
              ) -> list:
     "The GPU work of Appendix B at `profile` (kdbook.costs Items), from B_SETUP: the chapter's own table."
@@ -337,13 +337,13 @@ def mean_sd(records: list, key: str) -> tuple:
     mean, sd, _ = mean_std(v)
     return mean, (sd or 0.0)
 
-
+# %% ../chapters/b1_ensemble_size.ipynb #1445e10d
 def devices(runs: dict,  # {condition: [records]}
             ) -> str:
     "Every device the records were computed on, e.g. 'cpu' or 'cuda: NVIDIA H100 80GB HBM3'."
     return ", ".join(sorted({r["meta"]["device"] for recs in runs.values() for r in recs}))
 
-
+# %% ../chapters/b1_ensemble_size.ipynb #08b2ddda
 def plot_tau_m_grid(ax,  # matplotlib Axes
                     taus: list,  # temperatures (rows)
                     sizes: list,  # ensemble sizes (columns)

@@ -88,7 +88,7 @@ def record_profile(record: dict) -> str | None:
     "The profile a record was computed at: meta.profile, else params.profile, else None."
     return record["meta"].get("profile") or record["params"].get("profile")
 
-
+# %% ../chapters/70_discussion.ipynb #92c686fd
 def chapter_state(root,  # the book's repository (holds profiles.yml and chapters/)
                   stem: str,  # a chapter's file name without extension, e.g. "21_mnist"
                   records: list,  # Store(...).records()
@@ -102,7 +102,7 @@ def chapter_state(root,  # the book's repository (holds profiles.yml and chapter
     return dict(stem=stem, exists=exists, published=published, target=spec.get("target", published),
                 records=mine, devices=sorted({str(r["meta"]["device"]) for r in mine}))
 
-
+# %% ../chapters/70_discussion.ipynb #bad68b02
 def judge(holds: bool,  # does our measurement satisfy the paper's statement (test below)?
           deviations: list,  # named differences between our runs and the paper's settings, from the records
           test: str = "the statement",  # what was tested, e.g. "mean + 2 standard errors > 99%"
@@ -115,7 +115,7 @@ def judge(holds: bool,  # does our measurement satisfy the paper's statement (te
         return "inconclusive", f"{test} fails, but the gap may come from: " + "; ".join(deviations)
     return "contradicted", f"{test} fails at the paper's own settings"
 
-
+# %% ../chapters/70_discussion.ipynb #fb0134db
 def mean_se(values) -> tuple:
     "(mean, sample std, n, standard error) of a list of numbers; std and se are NaN for n < 2."
     v = np.asarray(values, dtype=float)
@@ -129,7 +129,7 @@ def mean_se(values) -> tuple:
 def _stalled(acc_pct: float, num_classes: int = 10) -> bool:
     return acc_pct < 2 * 100.0 / num_classes
 
-
+# %% ../chapters/70_discussion.ipynb #61755759
 def mnist_evidence(records: list,  # the records of 21_mnist's stores at one profile
                    lr: float = MNIST_STUDENT_LR,  # the Figure 2 students' learning rate
                    ) -> dict | None:
@@ -165,7 +165,7 @@ def mnist_evidence(records: list,  # the records of 21_mnist's stores at one pro
     return dict(teacher=mean_se(t_acc), agreement=mean_se(agree), gap=mean_se(gap), n_distill=top[used[0]]["result"]["n_distill"],
                 deviations=deviations, records=[teachers[t] for t in trials] + [top[t] for t in used])
 
-
+# %% ../chapters/70_discussion.ipynb #8815bdb9
 def stall_counts(records: list,  # the records of 21_mnist's stores at one profile
                  ) -> dict:
     "{learning rate: (stalled, stored)} over the Figure 2 students: stalled = test accuracy below twice chance."
@@ -182,7 +182,7 @@ def _pm(m) -> str:
     mean, std, n, _ = m
     return f"{mean:.2f}" + (f" ± {std:.2f}" if n > 1 else "") + f"% (n = {n})"
 
-
+# %% ../chapters/70_discussion.ipynb #bbe0caf0
 def _mnist_teacher(ev):
     mean, _, n, se = ev["teacher"]
     spread = 2 * se if n > 1 else 0.0
@@ -190,14 +190,14 @@ def _mnist_teacher(ev):
     verdict, reason = judge(holds, [], "mean ± 2 standard errors overlaps 84–86%")
     return f"teacher accuracy {_pm(ev['teacher'])}", verdict, reason, n
 
-
+# %% ../chapters/70_discussion.ipynb #f1653e9b
 def _mnist_agreement(ev):
     mean, _, n, se = ev["agreement"]
     holds = mean + (2 * se if n > 1 else 0.0) > 99.0
     verdict, reason = judge(holds, ev["deviations"], "mean + 2 standard errors > 99%")
     return f"test agreement {_pm(ev['agreement'])} at {ev['n_distill']:,} distillation images", verdict, reason, n
 
-
+# %% ../chapters/70_discussion.ipynb #20423e3e
 def _mnist_generalization(ev):
     gap, t_std = ev["gap"], ev["teacher"][1]
     n = gap[2]
@@ -225,13 +225,13 @@ def chapter_label(root, stem: str) -> str:
     m = re.search(r"\((§[\d.]+|App\. [A-C][\d.]*)\)\s*$", title) or re.match(r"([A-C]\.\d+\w*)\b", title)
     return m.group(1) if m else stem
 
-
+# %% ../chapters/70_discussion.ipynb #43d580c8
 def _link(root, stem: str, state: dict, figure: str) -> str:
     if not state["exists"]:
         return f"{figure} (no chapter yet: `{stem}`)"
     return f"{figure} in [{chapter_label(root, stem)}]({stem}.ipynb)"
 
-
+# %% ../chapters/70_discussion.ipynb #935c7dc2
 def verdict_rows(root,  # the book's repository (profiles.yml, chapters/)
                  records: list,  # Store(results_dir).records()
                  findings=None,  # list of Finding; None: FINDINGS
@@ -263,11 +263,11 @@ def verdict_rows(root,  # the book's repository (profiles.yml, chapters/)
         rows.append(row)
     return rows
 
-
+# %% ../chapters/70_discussion.ipynb #496320d3
 def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
-
+# %% ../chapters/70_discussion.ipynb #576a0174
 def verdict_markdown(rows: list) -> str:
     "The verdict table as a Markdown pipe table (links resolve in the book)."
     head = "| paper | the paper's statement | our evidence | profile | device | n | verdict | reason |\n|---|---|---|---|---|---|---|---|\n"
@@ -275,7 +275,7 @@ def verdict_markdown(rows: list) -> str:
         f"| {_cell(r['where'])} | “{_cell(r['statement'])}” | {_cell(r['evidence'])} | {r['profile']} | {_cell(r['device'])} | "
         f"{r['n'] or '—'} | **{r['verdict']}** | {_cell(r['reason'])} |\n" for r in rows)
 
-
+# %% ../chapters/70_discussion.ipynb #098fba45
 def verdict_counts(rows: list) -> dict:
     "{verdict: count} in VERDICTS order."
     return {v: sum(r["verdict"] == v for r in rows) for v in VERDICTS}
@@ -328,7 +328,7 @@ def gpu_seconds(record: dict) -> float:
         return res["pack_wall_time_s"] / res["pack_size"]
     return float(record["meta"]["wall_time_s"])
 
-
+# %% ../chapters/70_discussion.ipynb #da4adf49
 def cost_summary(root,  # the book's repository
                  records: list,  # Store(results_dir).records()
                  ) -> dict:
@@ -385,7 +385,7 @@ def readme_summary(rows: list,  # verdict_rows(...)
                  f"the paper's estimate of ≈{cost['paper_hours']:g} GPU-hours.")
     return lines
 
-
+# %% ../chapters/70_discussion.ipynb #2e3657bd
 def update_readme(root,  # the book's repository (README.md, profiles.yml, results/)
                   check: bool = False,  # True: only say whether the README is up to date
                   ) -> bool:

@@ -43,7 +43,7 @@ def _init(module: nn.Module,  # a Conv2d or Linear
     # spectral norm last, so that its power-iteration vectors start from the initialised weight
     return spectral_norm(module) if sn else module
 
-
+# %% ../chapters/22_gan.ipynb #de5d7058
 class GeneratorBlock(nn.Module):
     "Up-sampling residual block: BN-ReLU-up-conv3x3-BN-ReLU-conv3x3, shortcut up-conv1x1."
 
@@ -60,7 +60,7 @@ class GeneratorBlock(nn.Module):
         h = self.conv2(F.relu(self.bn2(self.conv1(h))))
         return h + self.shortcut(F.interpolate(x, scale_factor=2, mode="nearest"))
 
-
+# %% ../chapters/22_gan.ipynb #736ea76b
 class Generator(nn.Module):
     "SN-GAN ResNet generator for 32x32 images (Miyato et al. 2018, CIFAR): z -> 4x4 -> three up-blocks -> tanh."
 
@@ -106,7 +106,7 @@ class DiscriminatorBlock(nn.Module):
         s = self.shortcut(x)
         return h + (F.avg_pool2d(s, 2) if self.downsample else s)
 
-
+# %% ../chapters/22_gan.ipynb #0f6f7ce0
 class Discriminator(nn.Module):
     "SN-GAN ResNet discriminator (CIFAR): 4 residual blocks with spectral norm, ReLU, global sum pooling, linear."
 
@@ -161,7 +161,7 @@ class GANConfig:
         return {k: v for k, v in self.to_dict().items()
                 if k not in ("device", "log_every", "checkpoint_every", "channels_last")}
 
-
+# %% ../chapters/22_gan.ipynb #ad622234
 def build_generator(cfg: GANConfig,  # widths and latent size
                     seed: int,  # seed of the weight initialisation
                     ) -> Generator:
@@ -170,7 +170,7 @@ def build_generator(cfg: GANConfig,  # widths and latent size
         torch.manual_seed(seed)
         return Generator(cfg.z_dim, cfg.g_channels)
 
-
+# %% ../chapters/22_gan.ipynb #168cbab3
 def build_discriminator(cfg: GANConfig,  # widths
                         seed: int,  # seed of the weight initialisation
                         ) -> Discriminator:
@@ -186,13 +186,13 @@ def d_hinge_loss(real_logits: torch.Tensor,  # D(x) on real images, (N,)
     "Discriminator hinge loss: E[max(0, 1 - D(x))] + E[max(0, 1 + D(G(z)))]."
     return F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean()
 
-
+# %% ../chapters/22_gan.ipynb #6282775c
 def g_hinge_loss(fake_logits: torch.Tensor,  # D(G(z)) on generated images, (M,)
                  ) -> torch.Tensor:
     "Generator hinge loss: -E[D(G(z))]."
     return -fake_logits.mean()
 
-
+# %% ../chapters/22_gan.ipynb #b24586a2
 def linear_lr(step: int,  # generator steps taken so far
               total_steps: int,  # generator steps of the whole run
               lr: float,  # learning rate at step 0
@@ -209,7 +209,7 @@ def sample_latents(n: int,  # how many latent vectors
     "Standard normal latents z ~ N(0, I), drawn on the CPU from `gen` and moved to `device`."
     return torch.randn(n, z_dim, generator=gen).to(device)
 
-
+# %% ../chapters/22_gan.ipynb #cb4d8548
 def real_batch(images: torch.Tensor,  # uint8 training images (N, 3, H, W), on the training device
                batch_size: int,  # images per batch
                gen: torch.Generator,  # CPU generator of the indices
@@ -218,11 +218,11 @@ def real_batch(images: torch.Tensor,  # uint8 training images (N, 3, H, W), on t
     idx = torch.randint(len(images), (batch_size,), generator=gen).to(images.device)
     return to_float(images[idx])
 
-
+# %% ../chapters/22_gan.ipynb #8404655c
 def _autocast(x: torch.Tensor, amp: bool):
     return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=amp)
 
-
+# %% ../chapters/22_gan.ipynb #a30920fd
 def discriminator_step(G, D, opt_d, real: torch.Tensor, z: torch.Tensor,
                        amp: bool = False,  # bf16 autocast of the forward passes (the loss in float32)
                        ) -> torch.Tensor:
@@ -237,7 +237,7 @@ def discriminator_step(G, D, opt_d, real: torch.Tensor, z: torch.Tensor,
     opt_d.step()
     return loss.detach()
 
-
+# %% ../chapters/22_gan.ipynb #81b1aa27
 def generator_step(G, D, opt_g, z: torch.Tensor,
                    amp: bool = False,  # bf16 autocast of the forward passes (the loss in float32)
                    ) -> torch.Tensor:
@@ -258,11 +258,11 @@ def generator_step(G, D, opt_g, z: torch.Tensor,
 class GANCheckpointError(ValueError):
     "A GAN checkpoint that cannot be resumed: written with other settings, or not a GAN checkpoint."
 
-
+# %% ../chapters/22_gan.ipynb #cb48ef71
 class GANPaused(RuntimeError):
     "Training stopped at its time or step budget; the checkpoint holds the state to resume from."
 
-
+# %% ../chapters/22_gan.ipynb #3ca9867a
 def save_gan_state(path, G, D, opt_g, opt_d, data_gen, z_gen, step: int, history: dict, cfg: GANConfig, seed: int):
     "Write the resumable state (both networks, both optimizers, both generators' RNG, step, history) atomically."
     buf = io.BytesIO()
@@ -272,7 +272,7 @@ def save_gan_state(path, G, D, opt_g, opt_d, data_gen, z_gen, step: int, history
                 "seed": seed}, buf)
     atomic_write_bytes(path, buf.getvalue())
 
-
+# %% ../chapters/22_gan.ipynb #7816cc2d
 def load_gan_state(path, G, D, opt_g, opt_d, data_gen, z_gen, cfg: GANConfig, seed: int) -> tuple[int, dict]:
     "Restore the state written by save_gan_state; GANCheckpointError if it was written with other settings."
     try:
@@ -295,7 +295,7 @@ def load_gan_state(path, G, D, opt_g, opt_d, data_gen, z_gen, cfg: GANConfig, se
     z_gen.set_state(state["z_gen"])
     return int(state["step"]), json.loads(state["history"])
 
-
+# %% ../chapters/22_gan.ipynb #02c378e2
 def train_gan(G: Generator,  # the generator (trained in place)
               D: Discriminator,  # the discriminator (trained in place)
               images: torch.Tensor,  # uint8 training images (N, 3, 32, 32)
@@ -354,7 +354,7 @@ def to_uint8(images: torch.Tensor,  # float images in [-1, 1] (values outside ar
     "The inverse of kdbook.data.to_float: [-1, 1] -> 0..255 uint8, rounded to the nearest level."
     return ((images.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
 
-
+# %% ../chapters/22_gan.ipynb #d4cc45e5
 @torch.no_grad()
 def generate_images(G: Generator,  # a trained generator
                     n: int,  # how many images
@@ -388,13 +388,13 @@ def _npz_bytes(images: torch.Tensor) -> bytes:
     np.savez_compressed(buf, images=images.cpu().numpy())
     return buf.getvalue()
 
-
+# %% ../chapters/22_gan.ipynb #d2c90e2f
 def images_sha256(images) -> str:
     "sha256 of uint8 images' pixel bytes (C order): the same images give the same digest whatever file holds them."
     arr = np.ascontiguousarray(images.cpu().numpy() if isinstance(images, torch.Tensor) else images)
     return hashlib.sha256(arr.data).hexdigest()
 
-
+# %% ../chapters/22_gan.ipynb #2d90cf4d
 def save_synthetic_set(store: Store,  # the results store
                        name: str,  # the experiment's name (a folder of the store)
                        key: str,  # the run's key: the file is <root>/<name>/<key>.npz, or <data_dir>/synthetic/<name>-<key>.npz
@@ -420,20 +420,20 @@ def save_synthetic_set(store: Store,  # the results store
     return {"location": "data", "path": rel, "sha256": images_sha256(images), "sha256_of": "uint8 images (C order)",
             "n_images": int(images.shape[0]), "shape": list(images.shape), "bytes": len(data), **extra}
 
-
+# %% ../chapters/22_gan.ipynb #8ced5fb4
 class SyntheticSetError(ValueError):
     "A synthetic set that cannot be served: larger than what was generated, missing, corrupt, or regenerated differently."
 
-
+# %% ../chapters/22_gan.ipynb #eba9b6e0
 def _data_root(store: Store, data_dir) -> Path:
     "The data folder: data_dir, or the folder above the store's checkpoints folder (<data_dir>/checkpoints)."
     return Path(data_dir) if data_dir is not None else Path(store.checkpoints_dir).parent
 
-
+# %% ../chapters/22_gan.ipynb #991f5265
 def _record_path(store: Store, record: dict) -> Path:
     return store.root / record.get("name", "?") / f"{record.get('key', '?')}.json"
 
-
+# %% ../chapters/22_gan.ipynb #0a1c25d1
 def generator_from_record(store: Store,  # the results store holding the GAN's record and weights
                           gan_record: dict,  # the record of the GAN's training run (store.run_model)
                           ) -> Generator:
@@ -442,7 +442,7 @@ def generator_from_record(store: Store,  # the results store holding the GAN's r
     G = build_generator(cfg, gan_record["seed"])
     return store.load_weights(gan_record["name"], gan_record["key"], G, gan_record["result"]["weights"]["sha256"])
 
-
+# %% ../chapters/22_gan.ipynb #a1deda39
 def _depends_record(store: Store, record: dict) -> dict:
     "The one record `record` was computed from (meta.depends), checked against its checksum there."
     depends = record.get("meta", {}).get("depends") or {}
@@ -457,7 +457,7 @@ def _depends_record(store: Store, record: dict) -> dict:
                                 "in the store (or has changed): restore it, or delete the set's record and rerun the SN-GAN chapter")
     return found[0]
 
-
+# %% ../chapters/22_gan.ipynb #e57ee91a
 def regenerate_synthetic_set(store: Store,  # the results store holding the GAN's record and weights
                              synth_record: dict,  # the record of the set (its result names seed, batch size, n_images)
                              gan_record: dict,  # the GAN record the set was drawn from (meta.depends of synth_record)
@@ -476,7 +476,7 @@ def regenerate_synthetic_set(store: Store,  # the results store holding the GAN'
     return generate_images(generator_from_record(store, gan_record), info["n_images"], gen["seed"],
                            batch_size=gen["batch_size"], device=device)
 
-
+# %% ../chapters/22_gan.ipynb #e0e740d4
 def _regeneration_device(store: Store, record: dict) -> str:
     "CUDA for a set drawn on CUDA (refused without one), the CPU for a set drawn on the CPU."
     where = str(record["meta"].get("device", ""))
@@ -488,7 +488,7 @@ def _regeneration_device(store: Store, record: dict) -> str:
                                 "the set's record so that it is generated again (the students that use it are then recomputed)")
     return "cuda"
 
-
+# %% ../chapters/22_gan.ipynb #5590f709
 def _load_data_set(store: Store, record: dict, info: dict, data_dir, regenerate) -> np.ndarray:
     "The images of a set kept in the data folder: read and checked, or regenerated, checked and cached."
     path = _data_root(store, data_dir) / info["path"]
@@ -522,7 +522,7 @@ def _load_data_set(store: Store, record: dict, info: dict, data_dir, regenerate)
     atomic_write_bytes(path, _npz_bytes(torch.from_numpy(images)))
     return images
 
-
+# %% ../chapters/22_gan.ipynb #0475ad81
 def load_synthetic_set(store: Store,  # the results store holding the set's record
                        record: dict,  # the store record of the generation run (its result names the file)
                        size: int,  # how many images: any 1..n_images; the first `size` (sets are nested)
@@ -574,7 +574,7 @@ def frechet_distance_gaussians(mu_a, cov_a, mu_b, cov_b) -> float:
     diff = mu_a - mu_b
     return float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean.real))
 
-
+# %% ../chapters/22_gan.ipynb #77dfcbb4
 def frechet_distance(feats_a,  # (N, d) features of the first set
                      feats_b,  # (M, d) features of the second set
                      ) -> float:
@@ -586,7 +586,7 @@ def frechet_distance(feats_a,  # (N, d) features of the first set
         raise ValueError("need at least 2 feature vectors per set to estimate a covariance")
     return frechet_distance_gaussians(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
-
+# %% ../chapters/22_gan.ipynb #c4ca0b9e
 @torch.no_grad()
 def classifier_features(model,  # a kdbook PreResNet classifier
                         images: torch.Tensor,  # uint8 images (N, 3, 32, 32)
@@ -624,7 +624,7 @@ def profile_settings(profile: str,  # "smoke", "quick" or "paper"
         raise ValueError(f"unknown profile {profile!r}: valid profiles are {', '.join(PROFILE_SETTINGS)}")
     return {k: list(v) if isinstance(v, list) else v for k, v in PROFILE_SETTINGS[profile].items()}
 
-
+# %% ../chapters/22_gan.ipynb #6658268c
 def image_grid(images: torch.Tensor,  # uint8 (N, 3, H, W)
                ncol: int = 8,  # images per row
                ) -> np.ndarray:
@@ -638,7 +638,7 @@ def image_grid(images: torch.Tensor,  # uint8 (N, 3, H, W)
         out[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = arr[i]
     return out
 
-
+# %% ../chapters/22_gan.ipynb #c949bbb5
 def plot_sample_grids(panels: dict,  # title -> uint8 images (N, 3, 32, 32)
                       ncol: int = 8,  # images per row
                       ):
@@ -652,7 +652,7 @@ def plot_sample_grids(panels: dict,  # title -> uint8 images (N, 3, 32, 32)
     fig.tight_layout()
     return fig
 
-
+# %% ../chapters/22_gan.ipynb #f90b34c2
 def plot_gan_losses(history: dict,  # train_gan's history: step, d_loss, g_loss
                     ):
     "The discriminator and generator hinge losses against generator steps."
@@ -688,7 +688,7 @@ def deadline_budget(budget_s: float | None = None,  # an explicit budget (second
     left = max(0.0, deadline - (time.time() if now is None else now) - DEADLINE_RESERVE_S)
     return left if budget_s is None else min(budget_s, left)
 
-
+# %% ../chapters/22_gan.ipynb #5951fc38
 CHAPTER = "22_gan"
 
 

@@ -62,12 +62,12 @@ def profile_params(profile: str,  # "smoke", "quick" or "paper"
                          "default-length run is Figure 6b's λ = 0 run")
     return P
 
-
+# %% ../chapters/42_optimization.ipynb #5aca7951
 def cfg_key(cfg: TrainConfig) -> dict:
     "The TrainConfig settings that change the result: not the device, verbosity, checkpointing or CUDA-graph capture."
     return {k: v for k, v in cfg.to_dict().items() if k not in ("device", "progress", "eval_batch_size", "checkpoint_every", "cuda_graphs")}
 
-
+# %% ../chapters/42_optimization.ipynb #017ef989
 def teacher_config(P: dict,  # profile_params
                    device: str = "cpu",
                    ) -> TrainConfig:
@@ -76,13 +76,13 @@ def teacher_config(P: dict,  # profile_params
                        lr_min=0.0, weight_decay=1e-4, policy="baseline", device=device, progress=False,
                        eval_every=P["teacher_epochs"], checkpoint_every=P["checkpoint_every"])
 
-
+# %% ../chapters/42_optimization.ipynb #270a33ff
 def teacher_store_params(P: dict, trial: int, seed: int = 0) -> dict:
     "The store parameters of a trial's teacher (experiment s62-teacher)."
     return dict(arch="resnet20", norm="layer", dataset="cifar100", data_seed=seed, n_distill=P["n_distill"],
                 n_test=P["n_test"], init_seed=seed + trial, cfg=cfg_key(teacher_config(P)))
 
-
+# %% ../chapters/42_optimization.ipynb #b798f105
 def gpu_plan(profile: str,  # the profile to plan
              seed: int = 0,  # the chapter's base seed (decides which teachers are already stored)
              adam_lr: float = 1e-3, tau: float = 4.0,  # the chapter's other parameters (not sizes)
@@ -125,6 +125,7 @@ def _check_lam(lam):
     if isinstance(lam, bool) or not isinstance(lam, (int, float)) or math.isnan(lam) or not 0.0 <= lam <= 1.0:
         raise ValueError(f"lam must be a number in [0, 1] (0 = random weights, 1 = teacher weights); got {lam!r}")
 
+# %% ../chapters/42_optimization.ipynb #47c6db26
 def _check_same_layout(a: dict, b: dict, name_a: str, name_b: str):
     if set(a) != set(b):
         only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
@@ -135,6 +136,7 @@ def _check_same_layout(a: dict, b: dict, name_a: str, name_b: str):
             raise ValueError(f"shape mismatch for {k!r}: {tuple(a[k].shape)} in {name_a} vs {tuple(b[k].shape)} "
                              f"in {name_b}; build both from the same architecture")
 
+# %% ../chapters/42_optimization.ipynb #09769437
 def interpolate_state(teacher_state: dict,  # state_dict of the trained teacher, θ_t
                       random_state: dict,  # state_dict of a fresh random initialisation, θ_r (same architecture)
                       lam: float,  # λ in [0, 1]: 0 gives θ_r, 1 gives θ_t
@@ -162,6 +164,7 @@ class FlatSpec:
     @property
     def numel(self) -> int: return sum(math.prod(s) for s in self.shapes)
 
+# %% ../chapters/42_optimization.ipynb #49ca1b7c
 def flatten_state(state: dict,  # name -> tensor (a state_dict)
                   keys=None,  # names to include, in order; default: every floating tensor, in state order
                  ):  # (1-D float64 CPU vector, FlatSpec)
@@ -173,6 +176,7 @@ def flatten_state(state: dict,  # name -> tensor (a state_dict)
     parts = [state[k].detach().reshape(-1).to(device="cpu", dtype=torch.float64) for k in keys]
     return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)), spec
 
+# %% ../chapters/42_optimization.ipynb #ed3fd3d7
 def unflatten_state(vector: torch.Tensor,  # 1-D vector made by `flatten_state` (or a point of a plane)
                     spec: FlatSpec,  # its layout
                    ) -> dict:  # name -> tensor with the original shape and dtype
@@ -205,6 +209,7 @@ class PlaneBasis:
         a, b = float(d @ self.u), float(d @ self.v)
         return a, b, float(torch.linalg.vector_norm(d - a * self.u - b * self.v))
 
+# %% ../chapters/42_optimization.ipynb #6a971858
 def plane_basis(theta_t: torch.Tensor,  # flat teacher weights θ_t: the origin
                 theta_init: torch.Tensor,  # flat initial student weights θ_0 = λθ_t + (1−λ)θ_r
                 theta_final: torch.Tensor,  # flat student weights after distillation θ_1
@@ -234,6 +239,7 @@ def plane_basis(theta_t: torch.Tensor,  # flat teacher weights θ_t: the origin
                          "the student did not move off the line through θ_t and θ_init")
     return PlaneBasis(origin=t, u=u, v=w / n2, coords={"teacher": (0.0, 0.0), "init": (n1, 0.0), "final": (a2, n2)})
 
+# %% ../chapters/42_optimization.ipynb #4d0fb5b0
 def plane_grid(basis: PlaneBasis,  # the plane
                resolution: int = 21,  # grid points per axis
                margin: float = 0.25,  # extend the window by this fraction of its size on every side
@@ -258,6 +264,7 @@ def functional_model(model: nn.Module,  # the architecture; its own weights are 
             return torch.func.functional_call(model, state, (images.to(ref.device),))
     return f
 
+# %% ../chapters/42_optimization.ipynb #36f3737f
 def loss_on_plane(model_fn,  # f(theta, images) -> logits, e.g. from `functional_model`
                   basis: PlaneBasis,  # the plane (from `plane_basis`)
                   grid,  # (alphas, betas): 1-D sequences of plane coordinates along u and along v
@@ -360,7 +367,7 @@ def _median(values: torch.Tensor) -> torch.Tensor:
     v = values.flatten().sort().values
     return (v[(v.numel() - 1) // 2] + v[v.numel() // 2]) / 2
 
-
+# %% ../chapters/42_optimization.ipynb #768c6387
 def rbf_gram_median_sq(x: torch.Tensor,  # (n, d) one row per example
                       ) -> torch.Tensor:  # (n, n) exp(−d²/2σ²) with σ² = median of the non-zero squared distances
     "RBF Gram matrix with the bandwidth convention of the authors' CKA code: σ² = median of the non-zero d²."
@@ -372,7 +379,7 @@ def rbf_gram_median_sq(x: torch.Tensor,  # (n, d) one row per example
         raise ValueError("CKA is undefined: all examples have identical activations (no non-zero distance)")
     return torch.exp(-d2 / (2 * _median(nonzero)))
 
-
+# %% ../chapters/42_optimization.ipynb #09f52948
 def cka_rbf_median_sq(x: torch.Tensor,  # (n, ...) activations of n examples in the first network
                       y: torch.Tensor,  # (n, ...) activations of the same n examples in the second network
                      ) -> float:
@@ -386,4 +393,3 @@ def cka_rbf_median_sq(x: torch.Tensor,  # (n, ...) activations of n examples in 
     h = torch.eye(len(k), dtype=k.dtype, device=k.device) - 1.0 / len(k)
     kc, lc = h @ k @ h, h @ l @ h
     return float((kc * lc).sum() / torch.sqrt((kc * kc).sum() * (lc * lc).sum()))
-

@@ -71,7 +71,7 @@ def check_policies(names,  # run names, keys of POLICY_RUNS
         raise ValueError(f"policies must not repeat, got {names}")
     return names
 
-
+# %% ../chapters/51_augmentation.ipynb #18ed3ac8
 def profile_params(profile: str,  # "smoke", "quick" or "paper"
                    **given,  # the chapter's parameters; None means "the profile's value"
                    ) -> dict:
@@ -99,7 +99,7 @@ class PoolSampler:
         idx = torch.randint(len(self.pool), (k,), generator=generator, device=generator.device)
         return to_float(self.pool[idx.to(self.pool.device)])
 
-
+# %% ../chapters/51_augmentation.ipynb #4b22acd3
 def policy_options(name: str,  # a key of POLICY_RUNS
                    pools: dict,  # {"gan": uint8 images, "ood": uint8 images}: what the pool policies draw from
                    device: str = "auto",  # where the batches are made (the pools are moved there once)
@@ -128,7 +128,7 @@ def fidelity(student,  # a trained network
     out = evaluate(z_s, z_t)
     return {"agreement": 100 * out["agreement"], "kl": out["kl"]}
 
-
+# %% ../chapters/51_augmentation.ipynb #12f65182
 def summarize(history: dict,  # a distill history
               ) -> dict:
     "The final metrics of a distillation run (accuracies and agreements in %), with the whole history."
@@ -137,7 +137,7 @@ def summarize(history: dict,  # a distill history
     keep = pct + ("test_kl", "test_nll", "test_ece", "teacher_test_nll", "teacher_test_ece", "train_kd_loss", "distill_kl")
     return {k: (100 * last[k] if k in pct else last[k]) for k in keep if k in last} | {"history": history}
 
-
+# %% ../chapters/51_augmentation.ipynb #74c6f26c
 GUARD_TRAIN_AGREEMENT = 90.0  # % : at quick, a Baseline student must fit its distillation data at least this well
 
 
@@ -159,7 +159,7 @@ def policy_recipe(recipe: Recipe,  # the student recipe of the profile (zoo.stud
     check_policies([name])
     return replace(recipe, policy=POLICY_RUNS[name][0])
 
-
+# %% ../chapters/51_augmentation.ipynb #5938871f
 def policy_params(name: str,  # a key of POLICY_RUNS
                   teachers: list,  # [(record, model)]: the (ensemble) teacher
                   recipe: Recipe,  # the student recipe of the profile (its policy is replaced by the run's)
@@ -180,7 +180,7 @@ def policy_params(name: str,  # a key of POLICY_RUNS
             "pool": dict(pool) if name in POOL_POLICIES else None,
             "controls": [[r["key"] for r, _ in c] for c in controls]}
 
-
+# %% ../chapters/51_augmentation.ipynb #460c8a4c
 def distill_students(store,  # kdbook.store.Store
                      name: str,  # the store's experiment name
                      params: dict,  # every parameter of the run but the seed; holds "tau" (see policy_params)
@@ -268,7 +268,7 @@ def student_images(policies: list,  # run names, one group of students each
     "Images one sweep of students processes (GAN batches carry 25% more images, OOD batches 20%)."
     return sum(n_students * epochs * round(n_train * (1 + APPENDED_RATIOS.get(p, 0.0))) for p in policies)
 
-
+# %% ../chapters/51_augmentation.ipynb #19a75392
 def gpu_plan(profile: str,  # the profile to plan ("quick" or "paper")
              ) -> list:
     """This chapter's GPU work at `profile` as kdbook.costs Items, from PROFILE_SIZES and the zoo's recipes. The zoo

@@ -50,7 +50,7 @@ def check_fraction(fraction: float,  # share of each class that goes to D0
                          f"got {fraction!r}")
     return float(fraction)
 
-
+# %% ../chapters/52_recycling.ipynb #f6ac38f5
 def recycling_split(labels: torch.Tensor,  # int64 labels of the set to split (the CIFAR-100 train split)
                     seed: int,  # the split is a pure function of (labels, fraction, seed)
                     fraction: float = 0.5,  # share of each class in D0 (paper §5.2: two equal parts)
@@ -81,7 +81,7 @@ def unlabelled(data: ImageSet,  # a labelled set
     return ImageSet(data.images, torch.full_like(data.labels, -1), data.classes, data.name,
                     data.source + " (labels removed: the student sees only the teacher's)", data.origin)
 
-
+# %% ../chapters/52_recycling.ipynb #7d0c0f8d
 def recycling_sets(train: ImageSet,  # the labelled set to split (the CIFAR-100 train split)
                    seed: int,  # seed of the split
                    fraction: float = 0.5,  # share of each class in D0
@@ -91,7 +91,7 @@ def recycling_sets(train: ImageSet,  # the labelled set to split (the CIFAR-100 
     return {"teacher": train.subset(d0), "D0": unlabelled(train.subset(d0)), "D1": unlabelled(train.subset(d1)),
             "D0+D1": unlabelled(train.subset(torch.cat([d0, d1]).sort().values))}
 
-
+# %% ../chapters/52_recycling.ipynb #12ca0bc8
 def recycling_params(distill_set: str,  # one of DISTILL_SETS
                      teachers: list,  # [(record, model)]: the (ensemble) teacher, trained on D0
                      recipe: Recipe,  # the student recipe
@@ -121,7 +121,7 @@ def images_processed(n_train: int,  # images split into D0 and D1
     per_point = n0 + (n_train - n0) + n_train  # D0, D1, D0 ∪ D1
     return {"teachers": n_teachers * teacher_epochs * n0, "students": points * n_trials * student_epochs * per_point}
 
-
+# %% ../chapters/52_recycling.ipynb #aee8f863
 def recycling_points(sizes: list,  # ensemble sizes at τ (Figure 4, top)
                      tau: float,  # the temperature of the top row
                      other_taus: list,  # further temperatures at m = 3 (bottom row)
@@ -129,7 +129,7 @@ def recycling_points(sizes: list,  # ensemble sizes at τ (Figure 4, top)
     "The (m, τ) points of Figure 4 the chapter trains: every size at τ, then every other τ at m = 3."
     return [(m, float(tau)) for m in sorted(set(sizes))] + [(3, float(t)) for t in other_taus if float(t) != float(tau)]
 
-
+# %% ../chapters/52_recycling.ipynb #386c3732
 def gpu_plan(profile: str,  # the profile to plan ("quick" or "paper")
              fraction: float = 0.5,  # share of each class in D0 (the chapter's default)
              tau: float = 4.0,  # temperature of Figure 4 (top) (the chapter's default)

@@ -37,7 +37,14 @@ def canonical_json(obj) -> str:
     "Sorted-key, whitespace-free JSON: equal objects give equal strings."
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
+# %% auto #0
+__all__ = ['RECORD_FIELDS', 'META_FIELDS', 'RESERVED_NAMES', 'MAX_NAME_LEN', 'FILE_MODE', 'logger', 'LEDGER_HEADER',
+           'OVERVIEW_HEADER', 'canonical_json', 'check_name', 'check_seed', 'run_key', 'numeric_form',
+           'record_checksum', 'file_sha256', 'atomic_write_bytes', 'file_lock', 'git_revision', 'package_versions',
+           'thread_count', 'device_name', 'Store', 'save_checkpoint', 'load_checkpoint', 'WeightsError', 'chapter_plan',
+           'html_table', 'store_overview', 'ledger']
 
+# %% ../chapters/a3b_store.ipynb #a9495991
 def _check_keys(what: str, obj, where: str = ""):
     "Refuse dict keys that are not strings: JSON would turn 1 into '1' and two runs would share a key."
     if isinstance(obj, dict):
@@ -50,7 +57,7 @@ def _check_keys(what: str, obj, where: str = ""):
         for i, v in enumerate(obj):
             _check_keys(what, v, f"{where}[{i}]")
 
-
+# %% ../chapters/a3b_store.ipynb #9e646f8e
 def _check_json(what: str, obj):
     _check_keys(what, obj)
     try:
@@ -60,7 +67,7 @@ def _check_json(what: str, obj):
                          "convert tensors with .tolist() and numbers with float()") from None
     return json.loads(text)
 
-
+# %% ../chapters/a3b_store.ipynb #761e5aa6
 def check_name(name: str) -> str:
     "A store name (a folder of the store): letters, digits, '_', '.', '-', not starting with '.', not reserved."
     if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > MAX_NAME_LEN:
@@ -70,14 +77,14 @@ def check_name(name: str) -> str:
         raise ValueError(f"store name {name!r} is reserved (the store keeps its {name} there); choose another name")
     return name
 
-
+# %% ../chapters/a3b_store.ipynb #6d0a91b3
 def check_seed(seed) -> int:
     "A seed is an integer >= 0 (not a bool, not a float)."
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r} ({type(seed).__name__})")
     return int(seed)
 
-
+# %% ../chapters/a3b_store.ipynb #1b9b92ee
 def run_key(name: str,  # the experiment's name, e.g. "a3-teacher"
             params: dict,  # every parameter of the run
             seed: int,  # the run's seed
@@ -90,7 +97,7 @@ def run_key(name: str,  # the experiment's name, e.g. "a3-teacher"
     params = _check_json("params", params)
     return hashlib.sha256(canonical_json({"name": name, "params": params, "seed": seed}).encode()).hexdigest()[:16]
 
-
+# %% ../chapters/a3b_store.ipynb #836abb31
 def numeric_form(obj):
     """`obj` with every integer-valued float written as an int (4.0 -> 4; bools, strings and other floats as they are).
 
@@ -106,13 +113,13 @@ def numeric_form(obj):
         return int(obj)
     return obj
 
-
+# %% ../chapters/a3b_store.ipynb #6c2edb9d
 def record_checksum(record: dict) -> str:
     "sha256 of the canonical JSON of a record without its checksum field."
     rest = {k: v for k, v in record.items() if k != "checksum"}
     return hashlib.sha256(canonical_json(rest).encode()).hexdigest()
 
-
+# %% ../chapters/a3b_store.ipynb #11621b17
 def file_sha256(path) -> str:
     "sha256 of a file's bytes."
     h = hashlib.sha256()
@@ -121,7 +128,7 @@ def file_sha256(path) -> str:
             h.update(block)
     return h.hexdigest()
 
-
+# %% ../chapters/a3b_store.ipynb #c0025d47
 def atomic_write_bytes(path, data: bytes) -> Path:
     "Write `data` to `path` through a uniquely named temporary file in the same folder, then rename (mode 0644)."
     path = Path(path)
@@ -140,7 +147,7 @@ def atomic_write_bytes(path, data: bytes) -> Path:
         raise
     return path
 
-
+# %% ../chapters/a3b_store.ipynb #2e5907b1
 _LOCKS: dict = {}  # lock file -> [threading.RLock, depth, fd]: reentrant within a process
 _LOCKS_GUARD = threading.Lock()
 
@@ -164,7 +171,7 @@ def _flock(path: Path) -> int:
             return fd
         os.close(fd)  # the file we locked was removed by its previous holder: lock the new one
 
-
+# %% ../chapters/a3b_store.ipynb #c7b10007
 @contextlib.contextmanager
 def file_lock(path):
     """Hold an exclusive lock named by `path` against other processes (fcntl.flock) and threads; reentrant
@@ -188,13 +195,6 @@ def file_lock(path):
                 os.close(fd)
     finally:
         entry[0].release()
-
-# %% auto #0
-__all__ = ['RECORD_FIELDS', 'META_FIELDS', 'RESERVED_NAMES', 'MAX_NAME_LEN', 'FILE_MODE', 'logger', 'LEDGER_HEADER',
-           'OVERVIEW_HEADER', 'canonical_json', 'check_name', 'check_seed', 'run_key', 'numeric_form',
-           'record_checksum', 'file_sha256', 'atomic_write_bytes', 'file_lock', 'git_revision', 'package_versions',
-           'thread_count', 'device_name', 'Store', 'save_checkpoint', 'load_checkpoint', 'WeightsError', 'chapter_plan',
-           'html_table', 'store_overview', 'ledger']
 
 # %% ../chapters/a3b_store.ipynb #8658dca3
 def git_revision(path,  # a folder inside the repository
@@ -223,7 +223,7 @@ def git_revision(path,  # a folder inside the repository
     except (OSError, subprocess.SubprocessError):
         return "unknown", None
 
-
+# %% ../chapters/a3b_store.ipynb #7b915245
 def package_versions() -> dict:
     "Versions of python, torch, torchvision, numpy and kdbook (None when not installed)."
     from importlib.metadata import PackageNotFoundError, version
@@ -235,7 +235,7 @@ def package_versions() -> dict:
             out[pkg] = None
     return out
 
-
+# %% ../chapters/a3b_store.ipynb #6ba6d067
 def thread_count() -> int:
     "torch's intra-op CPU thread count (CPU sums are reduced in a thread-dependent order)."
     try:
@@ -244,7 +244,7 @@ def thread_count() -> int:
     except ImportError:
         return os.cpu_count() or 1
 
-
+# %% ../chapters/a3b_store.ipynb #0e7dc33a
 def device_name() -> str:
     "The accelerator a run used: the CUDA device's name, or the CPU with its thread count."
     try:
@@ -337,7 +337,7 @@ def load(self: Store, name: str, params: dict, seed: int) -> dict | None:
     key, params = self._home(name, params, check_seed(seed))
     return self._read(self.root / name / f"{key}.json", name, key, params, seed)
 
-
+# %% ../chapters/a3b_store.ipynb #0b1e13c7
 @patch
 def _read(self: Store, path: Path, name, key, params=None, seed=None, quiet: bool = False) -> dict | None:
     if not path.exists():
@@ -360,7 +360,7 @@ def _read(self: Store, path: Path, name, key, params=None, seed=None, quiet: boo
         return None
     return record
 
-
+# %% ../chapters/a3b_store.ipynb #6f061264
 @patch
 def records(self: Store, name: str | None = None) -> list[dict]:
     "Every valid record of the store (of one experiment `name`); a bad file is reported (warning) and skipped."
@@ -393,7 +393,7 @@ def _equivalent(self: Store, name: str, params: dict, seed: int) -> dict | None:
             return record
     return None
 
-
+# %% ../chapters/a3b_store.ipynb #f199d353
 @patch
 def _home(self: Store, name: str, params: dict, seed: int) -> tuple[str, dict]:
     "(key, params) under which this run lives: its own key, or that of a stored run with numerically equal params."
@@ -403,13 +403,13 @@ def _home(self: Store, name: str, params: dict, seed: int) -> tuple[str, dict]:
     twin = self._equivalent(name, params, seed)
     return (twin["key"], twin["params"]) if twin is not None else (key, params)
 
-
+# %% ../chapters/a3b_store.ipynb #135d222e
 @patch
 def lock_path(self: Store, name: str, params: dict, seed: int) -> Path:
     "The lock file of a run (shared by parameters that differ only in number types): <root>/<name>/.<key>.lock."
     return self.root / name / f".{run_key(name, numeric_form(params), seed)}.lock"
 
-
+# %% ../chapters/a3b_store.ipynb #3fe73b1f
 @patch
 @contextlib.contextmanager
 def _locked(self: Store, name: str, params: dict, seed: int):
@@ -467,7 +467,7 @@ def run(self: Store, name: str,  # the experiment's name (a folder of the store)
     "The record of a run: stored if valid (and computed from `depends`), else computed by fn() and stored atomically."
     return self._run(name, params, lambda key: fn(), seed, force, depends)
 
-
+# %% ../chapters/a3b_store.ipynb #188902ed
 @patch
 def _run(self: Store, name, params, make, seed, force=False, depends=()) -> dict:
     "Store.run with make(key) -> result (the key the record will have): compute-or-reuse under the run's lock."
@@ -535,13 +535,13 @@ def summary(self: Store, name: str | None = None) -> str:
         lines.append(f"{n}: {c['reused']} reused, {c['computed']} computed ({c['seconds']:.1f} s){extra}")
     return "\n".join(lines) if lines else "store: no runs"
 
-
+# %% ../chapters/a3b_store.ipynb #673a0b69
 @patch
 def resume_path(self: Store, name: str, params: dict, seed: int) -> Path:
     "The resumable training checkpoint of a run: <checkpoints_dir>/partial/<name>-<key>.pt (for fit/distill)."
     return self.checkpoints_dir / "partial" / f"{name}-{run_key(name, params, seed)}.pt"
 
-
+# %% ../chapters/a3b_store.ipynb #ffdd90e1
 @patch
 def checkpoint_path(self: Store, name: str) -> Path:
     "Where the checkpoint called `name` lives: <checkpoints_dir>/<name>.safetensors."
@@ -549,19 +549,19 @@ def checkpoint_path(self: Store, name: str) -> Path:
         raise ValueError(f"checkpoint name {name!r} must be letters, digits, '_', '.', '-' (not starting with '.')")
     return self.checkpoints_dir / f"{name}.safetensors"
 
-
+# %% ../chapters/a3b_store.ipynb #21cb5519
 @patch
 def save_checkpoint(self: Store, name: str, model_or_state, metadata: dict | None = None) -> Path:
     "Save a model's weights (safetensors) under the checkpoints folder."
     return save_checkpoint(model_or_state, self.checkpoint_path(name), metadata)
 
-
+# %% ../chapters/a3b_store.ipynb #ffac0f94
 @patch
 def load_checkpoint(self: Store, name: str, model=None):
     "Load weights saved by save_checkpoint; into `model` if given (returned), else the state dict."
     return load_checkpoint(self.checkpoint_path(name), model)
 
-
+# %% ../chapters/a3b_store.ipynb #28ed5959
 def save_checkpoint(model_or_state,  # an nn.Module or a state dict of tensors
                     path,  # the .safetensors file to write (atomically)
                     metadata: dict | None = None,  # str -> str notes stored in the file's header
@@ -572,7 +572,7 @@ def save_checkpoint(model_or_state,  # an nn.Module or a state dict of tensors
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
     return atomic_write_bytes(path, save(tensors, metadata={str(k): str(v) for k, v in (metadata or {}).items()}))
 
-
+# %% ../chapters/a3b_store.ipynb #2adef538
 def load_checkpoint(path,  # a .safetensors file written by save_checkpoint
                     model=None,  # load the weights into this module (strictly) and return it
                     ):
@@ -594,7 +594,7 @@ from fastcore.basics import patch
 class WeightsError(Exception):
     "A stored weight file is missing, corrupt, or not the one its record names."
 
-
+# %% ../chapters/a3b_store.ipynb #5129a73b
 @patch
 def weights_path(self: Store, name: str, key: str) -> Path:
     "Where the stored weights of run `key` of experiment `name` live: <root>/weights/<name>/<key>.safetensors."
@@ -603,7 +603,7 @@ def weights_path(self: Store, name: str, key: str) -> Path:
         raise ValueError(f"store key {key!r} must be 16 lowercase hex digits (see run_key)")
     return self.root / "weights" / name / f"{key}.safetensors"
 
-
+# %% ../chapters/a3b_store.ipynb #cea740ba
 @patch
 def save_weights(self: Store, name: str,  # the experiment's name
                  key: str,  # the run's key (Store.key)
@@ -625,7 +625,7 @@ def save_weights(self: Store, name: str,  # the experiment's name
     return {"path": path.relative_to(self.root).as_posix(), "sha256": hashlib.sha256(data).hexdigest(),
             "dtype": "float16", "bytes": len(data)}
 
-
+# %% ../chapters/a3b_store.ipynb #2ed5e438
 @patch
 def load_weights(self: Store, name: str,  # the experiment's name
                  key: str,  # the run's key
@@ -729,7 +729,7 @@ def chapter_plan(root,  # the book's repository (holds profiles.yml)
                           "stores": list(value.get("stores") or [])}
     return {"default": default, "chapters": chapters}
 
-
+# %% ../chapters/a3b_store.ipynb #c4e582ae
 def html_table(header: list,  # column names
                rows: list,  # one list of cells per row (str, int, float or None)
                caption: str | None = None,  # shown above the table
@@ -747,7 +747,7 @@ def html_table(header: list,  # column names
     cap = f"<caption>{escape(caption)}</caption>" if caption else ""
     return HTML(f'<table class="kdbook-table">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
 
-
+# %% ../chapters/a3b_store.ipynb #356e680f
 def store_overview(records: list) -> list:
     "Rows (name, profile, device, records, compute minutes, newest record, its revision) of a store's records."
     groups = {}
@@ -761,11 +761,11 @@ def store_overview(records: list) -> list:
                      newest["meta"]["created"][:10], newest["meta"]["git_rev"][:8]])
     return rows
 
-
+# %% ../chapters/a3b_store.ipynb #156369b7
 def _on_gpu(record) -> bool:
     return str(record["meta"]["device"]).startswith("cuda")
 
-
+# %% ../chapters/a3b_store.ipynb #4203e4be
 def ledger(records: list,  # valid store records (Store.records())
            plan: dict,  # chapter_plan(root)
            ) -> list:

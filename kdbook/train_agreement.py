@@ -21,7 +21,7 @@ def _same_recipe(params: dict, recipe: dict) -> bool:
     mine = {k: v for k, v in params.get("recipe", {}).items() if k != "policy"}
     return mine == {k: v for k, v in recipe.items() if k != "policy"}
 
-
+# %% ../chapters/61_train_agreement.ipynb #c5affe83
 def select(records: list,  # records of one experiment (Store.records(name))
            profile: str,  # keep the records computed at this profile
            recipe: dict | None = None,  # keep those whose student recipe (policy aside) is this one
@@ -32,7 +32,7 @@ def select(records: list,  # records of one experiment (Store.records(name))
     newest_test = out[-1]["params"].get("test") if out else None
     return [r for r in out if r["params"].get("test") == newest_test]
 
-
+# %% ../chapters/61_train_agreement.ipynb #253ff079
 def group(records: list,  # selected records
           key,  # record -> group key, or None to leave the record out
           field: str = "train_agreement",  # the result field to collect
@@ -72,7 +72,7 @@ def context(r: dict) -> dict:
             "training data": json.dumps(p.get("train"), sort_keys=True),
             "test data": json.dumps(p.get("test"), sort_keys=True)}
 
-
+# %% ../chapters/61_train_agreement.ipynb #38a97851
 def check_group(k, records: list):
     """Refuse a group that mixes experiments: its records must agree on `context`, and their teachers must be one
     teacher (ensemble) for all, or one per trial (trials rotate the teacher: distinct seeds, distinct teachers)."""
@@ -87,24 +87,24 @@ def check_group(k, records: list):
                          "experiment; select one parameterization (one profile, recipe, data, τ and synthetic source) "
                          "or remove the stale records from the store")
 
-
+# %% ../chapters/61_train_agreement.ipynb #584a4eee
 def synthetic_key(r: dict):
     "Figure 5 (left): (teachers m, synthetic images per real image)."
     p = r["params"]
     return len(p["teachers"]), p["synthetic"]["size"] / p["train"]["n"]
 
-
+# %% ../chapters/61_train_agreement.ipynb #bb6e5cbd
 def recycling_key(tau: float = 4.0):
     "Figure 5 (middle): (distillation set, teachers m), for the students at temperature `tau`."
     return lambda r: (r["params"]["distill_set"], len(r["params"]["teachers"])) if r["params"]["tau"] == tau else None
 
-
+# %% ../chapters/61_train_agreement.ipynb #a480b7aa
 def policies_key(r: dict):
     "Figure 5 (right): (policy, teachers m) for the students (not the s′ controls) of the policies of Figure 5."
     p = r["params"]
     return (p["policy"], len(p["teachers"])) if p.get("role") == "student" and p["policy"] in FIG5_POLICIES else None
 
-
+# %% ../chapters/61_train_agreement.ipynb #44f7564a
 CHAPTER = "61_train_agreement"
 
 

@@ -65,7 +65,7 @@ class Recipe:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
+# %% ../chapters/23_synthetic.ipynb #f7be7fe3
 # The teacher recipe of appendix A.3 (200 epochs, batch 256, lr 0.1 -> 0) and the student recipe (300 epochs,
 # batch 128, lr 0.05 -> 1e-6), scaled per profile; smoke uses a 4-channel-wide ResNet-56 so that a 2-core CPU
 # trains the whole chapter in about a minute.
@@ -93,12 +93,12 @@ def _profile(profile: str) -> str:
         raise ValueError(f"unknown profile {profile!r}: valid profiles are {', '.join(PROFILES)}")
     return profile
 
-
+# %% ../chapters/23_synthetic.ipynb #aa64b2da
 def teacher_recipe(profile: str) -> Recipe:
     "The zoo's teacher recipe at `profile` (appendix A.3 at paper)."
     return TEACHER_RECIPES[_profile(profile)]
 
-
+# %% ../chapters/23_synthetic.ipynb #f2a719b7
 def student_recipe(profile: str) -> Recipe:
     "The student recipe at `profile` (appendix A.3 at paper)."
     return STUDENT_RECIPES[_profile(profile)]
@@ -116,12 +116,12 @@ def zoo_data(profile: str,  # the profile whose data sizes to use (ZOO_DATA)
         out.append(data if n >= len(data) else data.subset(stratified_subset(data.labels, n, seed)))
     return tuple(out)
 
-
+# %% ../chapters/23_synthetic.ipynb #7d7a3412
 def data_tag(data: ImageSet) -> dict:
     "What identifies a data set in a store key: its name, size and a fingerprint of its images and labels."
     return {"name": data.name, "n": len(data), "fingerprint": data_fingerprint(data.images, data.labels)}
 
-
+# %% ../chapters/23_synthetic.ipynb #963cd50d
 def zoo_params(recipe: Recipe,  # the teacher recipe
                train: ImageSet,  # the images it is trained on
                test: ImageSet,  # the images its accuracy is measured on
@@ -141,17 +141,17 @@ def _check_seeds(seeds) -> list:
         raise ValueError(f"seeds must be distinct (each seed is one teacher), got {seeds}")
     return seeds
 
-
+# %% ../chapters/23_synthetic.ipynb #544f48bd
 def _has_weights(store, params, seed) -> bool:
     record = store.load(ZOO_NAME, params, seed)
     return record is not None and store.weights_path(ZOO_NAME, record["key"]).exists()
 
-
+# %% ../chapters/23_synthetic.ipynb #4c29921e
 def _result(history: dict, how: str) -> dict:
     return {"test_acc": 100 * history["test_acc"][-1], "test_nll": history["test_nll"][-1],
             "test_ece": history["test_ece"][-1], "trained": how, "history": history}
 
-
+# %% ../chapters/23_synthetic.ipynb #2130acad
 def zoo_teachers(store,  # kdbook.store.Store holding the zoo (experiment ZOO_NAME)
                  seeds,  # one seed per teacher (its initial weights, data order and augmentation)
                  train: ImageSet,  # labelled training images (see zoo_data)
@@ -194,7 +194,7 @@ def zoo_teachers(store,  # kdbook.store.Store holding the zoo (experiment ZOO_NA
         out.append((record, model.eval()))
     return out
 
-
+# %% ../chapters/23_synthetic.ipynb #cfc0f41c
 def check_ensemble_size(m: int,  # ensemble size asked for
                         available: int,  # zoo teachers there are (or will be)
                         ) -> int:
@@ -206,7 +206,7 @@ def check_ensemble_size(m: int,  # ensemble size asked for
                          f"ask zoo_teachers for at least {m} seeds")
     return m
 
-
+# %% ../chapters/23_synthetic.ipynb #e1496fe0
 def zoo_ensemble(zoo: list,  # [(record, model)] from zoo_teachers
                  m: int,  # ensemble size: one of ENSEMBLE_SIZES
                  ) -> list:
@@ -231,7 +231,7 @@ def check_synthetic_sizes(sizes,  # amounts of synthetic images to add, e.g. [0,
                          f"generated: ask for at most {available:,}, or generate a larger set first")
     return sizes
 
-
+# %% ../chapters/23_synthetic.ipynb #fc32dab5
 def synthetic_subset(images: torch.Tensor,  # uint8 (N, 3, H, W): the largest synthetic set (smaller ones are its prefixes)
                      size: int,  # how many of them to use (0: none)
                      source: str,  # a sentence saying where the images come from
@@ -244,7 +244,7 @@ def synthetic_subset(images: torch.Tensor,  # uint8 (N, 3, H, W): the largest sy
     return ImageSet(images[:size].contiguous(), torch.full((size,), -1, dtype=torch.int64), classes,
                     "synthetic", source)
 
-
+# %% ../chapters/23_synthetic.ipynb #895a76d7
 def mixup_standin(train: ImageSet,  # the real training images
                   n: int,  # how many images to make
                   seed: int,  # the images are a pure function of (train, n, seed)
@@ -270,14 +270,14 @@ def student_params(teachers: list,  # [(record, model)]: the (ensemble) teacher
             "test": data_tag(test), "synthetic": dict(synthetic), "tau": tau, "alpha": 0.0,
             "controls": [r["key"] for r, _ in controls]}
 
-
+# %% ../chapters/23_synthetic.ipynb #06cb515a
 def _fidelity(student, teacher_models, test, device) -> dict:
     device = resolve_device(device)
     z_s = predict_logits(student, test, device=device)
     z_t = predict_logits(teacher_models if len(teacher_models) > 1 else teacher_models[0], test, device=device)
     return {k: (100 * v if k == "agreement" else v) for k, v in evaluate(z_s, z_t).items()}
 
-
+# %% ../chapters/23_synthetic.ipynb #e9fdcd63
 def distill_student(store,  # kdbook.store.Store
                     teachers: list,  # [(record, model)]: one teacher or an ensemble (zoo_ensemble)
                     train: ImageSet,  # the real distillation images (labels unused: alpha = 0)
@@ -330,12 +330,12 @@ def student_recipe_for(profile: str,  # the profile whose student recipe to use
     epochs = max(1, round(recipe.epochs * n_real / (n_real + size)))
     return Recipe(**{**recipe.to_dict(), "epochs": epochs})
 
-
+# %% ../chapters/23_synthetic.ipynb #13380697
 def no_synthetic() -> dict:
     "What identifies 'no synthetic images' in a student's key (the same for every chapter: §4.2's +0 is §5.1's Baseline)."
     return {"source": "none", "size": 0}
 
-
+# %% ../chapters/23_synthetic.ipynb #1f58238d
 def distill_pack(store,  # kdbook.store.Store
                  teachers: list,  # [(record, model)]: the teacher (ensemble) all students share
                  train: ImageSet,  # real distillation images
@@ -389,7 +389,7 @@ def distill_pack(store,  # kdbook.store.Store
         out.append(store.run(STUDENT_NAME, params[s], fn, s, depends=deps))
     return out
 
-
+# %% ../chapters/23_synthetic.ipynb #647a4670
 def _student_result(h: dict, n_real: int, size: int, how: str) -> dict:
     last = {k: v[-1] for k, v in h.items() if isinstance(v, list) and v}
     return {"test_acc": 100 * last["test_acc"], "teacher_test_acc": 100 * last["teacher_test_acc"],
@@ -399,7 +399,7 @@ def _student_result(h: dict, n_real: int, size: int, how: str) -> dict:
             "distill_agreement": 100 * last["distill_agreement"], "n_distill": n_real + size, "trained": how,
             "history": {k: v for k, v in h.items() if k != "same_batches"}, "controls": []}
 
-
+# %% ../chapters/23_synthetic.ipynb #bec67bdc
 def fig1_students(store,  # kdbook.store.Store
                   zoo: list,  # [(record, model)] from zoo_teachers (at least max(n_trials, ensemble_size) teachers)
                   kind: str,  # "self": trial i distils zoo[i] (s′ control zoo[(i+1) % n]); "ensemble": zoo[:m], same batches
@@ -430,7 +430,7 @@ def fig1_students(store,  # kdbook.store.Store
                             seeds, tau=tau, device=device, depends=depends)
     raise ValueError(f"kind must be 'self' or 'ensemble', got {kind!r}")
 
-
+# %% ../chapters/23_synthetic.ipynb #b08291b7
 def baseline_students(store,  # kdbook.store.Store
                       zoo: list,  # [(record, model)] from zoo_teachers(store, seeds, *zoo_data(profile), teacher_recipe(profile))
                       train: ImageSet,  # zoo_data(profile)[0]
@@ -471,7 +471,7 @@ def gpu_minutes(n_teachers: int,  # zoo teachers to train
     return {"teachers": t, "students": s, "total": t + s,
             "images": {"teachers": teacher_images, "students": student_images}}
 
-
+# %% ../chapters/23_synthetic.ipynb #67e4adc9
 CHAPTER = "23_synthetic"
 
 
@@ -489,7 +489,7 @@ def zoo_item(chapter: str,  # the chapter that plans the teacher
                 teacher_fit_s(r.epochs * d["n_train"], r.arch) + eval_s(d["n_test"], r.arch) + CAPTURE_S,
                 key=(ZOO_NAME, r.arch, data, recipe, seed), basis="teacher fit rate x epochs x images + one evaluation")
 
-
+# %% ../chapters/23_synthetic.ipynb #424d95da
 def _student_items(chapter: str, profile: str, size: int) -> list:
     "The two student items of one synthetic size (self-distillation, alone; ensemble, one pack); +0 ones are keyed."
     from kdbook.costs import CAPTURE_S, Item, eval_s, student_s
@@ -508,7 +508,7 @@ def _student_items(chapter: str, profile: str, size: int) -> list:
                  trials * student_s(imgs, m, trials, r.arch) + eval_s(m * (nt + n) + trials * (nt + n), r.arch) + CAPTURE_S,
                  key=key("ensemble"), basis="S + m T / k per image; teachers evaluated once")]
 
-
+# %% ../chapters/23_synthetic.ipynb #736e3014
 def baseline_items(chapter: str,  # the chapter that plans them (e.g. "51_augmentation")
                    profile: str,  # the profile
                    m: int,  # 1 or 3 (see baseline_students)
@@ -519,7 +519,7 @@ def baseline_items(chapter: str,  # the chapter that plans them (e.g. "51_augmen
         raise ValueError(f"the shared Baseline students exist for m = 1 and m = 3, got m = {m!r}")
     return [_student_items(chapter, profile, 0)[kind]]
 
-
+# %% ../chapters/23_synthetic.ipynb #2c47e07f
 def gpu_plan(profile: str,  # "smoke", "quick" or "paper"
              ) -> list:
     "The GPU work of this chapter at `profile` (kdbook.costs.Item), from the chapter's own profile tables."
