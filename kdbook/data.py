@@ -156,8 +156,8 @@ def _repo_root(start: Path) -> Path | None:
 # %% ../chapters/a1_data.ipynb #f2d3ed9f
 def datasets_dir(root=None,  # a folder with the offline copies; None reads env KDBOOK_DATASETS
                 ) -> Path | None:
-    """The offline datasets directory: the argument, else env KDBOOK_DATASETS, else `../shared/datasets`
-    beside the repository (this project's CI layout) if it exists, else None. A `root=` that does not exist is
+    """The offline datasets directory: the argument, else env KDBOOK_DATASETS, else the folder `datasets`
+    inside a folder `shared` beside the repository (the layout of the book's CI machines) if it exists, else None. A `root=` that does not exist is
     an error; a KDBOOK_DATASETS that does not exist is a warning (torchvision's files or download may still serve)."""
     if root is None:
         env = os.environ.get("KDBOOK_DATASETS") or None

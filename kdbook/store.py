@@ -202,8 +202,8 @@ def git_revision(path,  # a folder inside the repository
                  ) -> tuple[str, bool | None]:
     """(commit hash, dirty?) of the git repository containing `path`; ('unknown', None) outside git.
 
-    `KDBOOK_GIT_REV`, when set, wins (dirty: None): on a borrowed machine that receives a copy of the working
-    tree with stale or no git metadata, the person starting the run names the commit that was copied."""
+    `KDBOOK_GIT_REV`, when set, wins (dirty: None): where the code runs from a copy of the working tree
+    without its repository history, the person starting the run names the commit that was copied."""
     if os.environ.get("KDBOOK_GIT_REV"):
         return os.environ["KDBOOK_GIT_REV"].strip(), None
     try:

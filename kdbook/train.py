@@ -512,7 +512,7 @@ def distill(student: nn.Module,  # the network to train
                 checkpoint=checkpoint, callback=callback, augment_kw=augment_kw)[0]
 
 # %% ../chapters/a3_training.ipynb #cb3529d9
-PACKINGS = ("loop", "grouped")
+PACKINGS = ("loop", "grouped", "streams")  # "streams": the loop with members on parallel CUDA streams (A.3d)
 
 
 def _pack(models, shared_input: bool, packing: str = "loop"):
@@ -522,8 +522,8 @@ def _pack(models, shared_input: bool, packing: str = "loop"):
     reason = can_pack(list(models))
     if reason is not None:
         raise ValueError(f"these models cannot be trained together ({reason}); loop over fit/distill instead")
-    if packing == "loop":
-        return LoopStack(list(models), shared_input=shared_input)
+    if packing in ("loop", "streams"):
+        return LoopStack(list(models), shared_input=shared_input, streams=packing == "streams")
     return pack(list(models), shared_input=shared_input)
 
 
@@ -538,7 +538,7 @@ def fit_many(models: list,  # k models of one architecture
              train: ImageSet, test: ImageSet, cfg: TrainConfig,
              seeds: list,  # one seed per model (data order and augmentation, as fit's seed)
              augment_kw: dict | None = None,
-             packing: str = "loop",  # "loop": members one after another in one step; "grouped": kdbook.packing
+             packing: str = "loop",  # "loop": members one after another in one step; "streams": the same on parallel CUDA streams; "grouped": kdbook.packing
              checkpoint: str | Path | None = None,  # resumable checkpoint file of the whole pack (as fit's)
              callback=None,  # called as callback(epoch, histories) after every epoch
              ) -> list:
@@ -570,7 +570,7 @@ def distill_many(students: list,  # k students of one architecture
                  tau: float = 4.0, alpha: float = 0.0,
                  augment_kw: dict | None = None,
                  same_batches: bool = False,  # all students see the batches of seeds[0]: one teacher call labels all
-                 packing: str = "loop",  # "loop": students one after another in one step; "grouped": kdbook.packing
+                 packing: str = "loop",  # "loop": students one after another in one step; "streams": the same on parallel CUDA streams; "grouped": kdbook.packing
                  checkpoint: str | Path | None = None,  # resumable checkpoint file of the whole pack (as distill's)
                  callback=None,  # called as callback(epoch, histories) after every epoch
                  ) -> list:

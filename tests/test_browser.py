@@ -92,11 +92,13 @@ def test_every_chapter_page_shows_its_figures(browser, served_book, built_book):
 # The panels of every figure, measured on the page: in each image, the row of pixels with the most long dark
 # horizontal runs is the row of the axes' bottom spines, and each run is one panel's width in the PNG; scaled by
 # the image's rendered / natural width, that is the panel's width on the page. (Dashed reference lines, legend
-# frames and colour bars are far shorter than a run; images a stack or a fold hides have no width and are skipped.)
+# frames and colour bars are far shorter than a run; images a stack or a fold hides have no width and are skipped,
+# and so are figures of the class kdbook-thumbnails: grids of small images with no axes or labels.)
 MIN_PANEL_PX = 250
 PANEL_WIDTHS = r"""() => Array.from(document.querySelectorAll('main img')).map(img => {
     const rect = img.getBoundingClientRect();
     if (!img.complete || !img.naturalWidth || rect.width === 0) return null;
+    if (img.closest('.kdbook-thumbnails')) return null;  // a grid of image thumbnails, no axes to read
     const W = img.naturalWidth, H = img.naturalHeight;
     const canvas = document.createElement('canvas');
     canvas.width = W; canvas.height = H;
