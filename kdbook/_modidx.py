@@ -524,6 +524,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'kdbook.train.make_optimizer': ('a3_training.html#make_optimizer', 'kdbook/train.py'),
                               'kdbook.train.mnist_configs': ('a3_training.html#mnist_configs', 'kdbook/train.py'),
                               'kdbook.train.predict_logits': ('a3_training.html#predict_logits', 'kdbook/train.py'),
+                              'kdbook.train.profile_sizes': ('a3_training.html#profile_sizes', 'kdbook/train.py'),
                               'kdbook.train.teacher_logits': ('a3_training.html#teacher_logits', 'kdbook/train.py'),
                               'kdbook.train.train_epoch': ('a3_training.html#train_epoch', 'kdbook/train.py'),
                               'kdbook.train.weights_sha': ('a3_training.html#weights_sha', 'kdbook/train.py')},

@@ -20,6 +20,8 @@ from torch import nn
 from .losses import kd_loss
 
 # %% ../chapters/42_optimization.ipynb #1addc0a6
+from .train import profile_sizes
+
 from .train import TrainConfig
 
 # The chapter's sizes per profile: the chapter runs with these (through profile_params) and gpu_plan plans them.
@@ -45,13 +47,7 @@ def profile_params(profile: str,  # "smoke", "quick" or "paper"
                    **given,  # the chapter's parameters; None means "the profile's value"
                    ) -> dict:
     "The chapter's sizes at `profile`, a given value in place of the profile's wherever it is not None (0 and False count)."
-    if profile not in PROFILE_SIZES:
-        raise ValueError(f"unknown profile {profile!r}: valid profiles are {', '.join(PROFILE_SIZES)}")
-    unknown = sorted(set(given) - set(PROFILE_SIZES[profile]))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown}: the sizes of this chapter are {sorted(PROFILE_SIZES[profile])}")
-    P = {k: (given[k] if given.get(k) is not None else v) for k, v in PROFILE_SIZES[profile].items()}
-    P = {k: list(v) if isinstance(v, tuple) else v for k, v in P.items()}
+    P = profile_sizes(PROFILE_SIZES, profile, **given)
     if P["aug_seed"] is None:
         P["aug_seed"] = seed + 3000
     P["fig6a_trials"] = min(P["fig6a_trials"] if P["fig6a_trials"] is not None else P["n_trials"], P["n_trials"])

@@ -72,17 +72,13 @@ def check_policies(names,  # run names, keys of POLICY_RUNS
     return names
 
 # %% ../chapters/51_augmentation.ipynb #18ed3ac8
+from .train import profile_sizes
+
 def profile_params(profile: str,  # "smoke", "quick" or "paper"
                    **given,  # the chapter's parameters; None means "the profile's value"
                    ) -> dict:
     "The chapter's sizes at `profile`, a given value in place of the profile's wherever it is not None (0 and False count)."
-    if profile not in PROFILE_SIZES:
-        raise ValueError(f"unknown profile {profile!r}: valid profiles are {', '.join(PROFILE_SIZES)}")
-    unknown = sorted(set(given) - set(PROFILE_SIZES[profile]))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown}: the sizes of this chapter are {sorted(PROFILE_SIZES[profile])}")
-    out = {k: (given[k] if given.get(k) is not None else v) for k, v in PROFILE_SIZES[profile].items()}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+    return profile_sizes(PROFILE_SIZES, profile, **given)
 
 # %% ../chapters/51_augmentation.ipynb #33ce7d3c
 class PoolSampler:

@@ -5,6 +5,8 @@
 # %% ../chapters/52_recycling.ipynb #79ba2001
 from __future__ import annotations
 
+from .train import profile_sizes
+
 import math
 
 import torch
@@ -28,13 +30,7 @@ def profile_params(profile: str,  # "smoke", "quick" or "paper"
                    **given,  # the chapter's parameters; None means "the profile's value"
                    ) -> dict:
     "The chapter's sizes at `profile`, a given value in place of the profile's wherever it is not None (0 and False count)."
-    if profile not in PROFILE_SIZES:
-        raise ValueError(f"unknown profile {profile!r}: valid profiles are {', '.join(PROFILE_SIZES)}")
-    unknown = sorted(set(given) - set(PROFILE_SIZES[profile]))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown}: the sizes of this chapter are {sorted(PROFILE_SIZES[profile])}")
-    out = {k: (given[k] if given.get(k) is not None else v) for k, v in PROFILE_SIZES[profile].items()}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+    return profile_sizes(PROFILE_SIZES, profile, **given)
 
 # %% auto #0
 __all__ = ['S52_NAME', 'DISTILL_SETS', 'PROFILE_SIZES', 'profile_params', 'check_fraction', 'recycling_split', 'unlabelled',

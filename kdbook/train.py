@@ -27,9 +27,10 @@ _all_ = ["OPTIMIZERS", "TrainConfig", "batch_starts", "cosine_lr", "resolve_devi
 
 # %% auto #0
 __all__ = ['PROFILES', 'MIN_TAU', 'TEACHER_CACHE_SIZE', 'PACKINGS', 'MNIST_PAIR', 'CPU_LENET_IMAGES_PER_S', 'by_profile',
-           'make_optimizer', 'make_model', 'Ensemble', 'predict_logits', 'evaluate', 'ce_loss', 'kd_step_loss',
-           'train_epoch', 'fit', 'weights_sha', 'images_sha', 'teacher_logits', 'distill', 'fit_many', 'distill_many',
-           'mnist_configs', 'gpu_plan', 'OPTIMIZERS', 'TrainConfig', 'batch_starts', 'cosine_lr', 'resolve_device']
+           'profile_sizes', 'make_optimizer', 'make_model', 'Ensemble', 'predict_logits', 'evaluate', 'ce_loss',
+           'kd_step_loss', 'train_epoch', 'fit', 'weights_sha', 'images_sha', 'teacher_logits', 'distill', 'fit_many',
+           'distill_many', 'mnist_configs', 'gpu_plan', 'OPTIMIZERS', 'TrainConfig', 'batch_starts', 'cosine_lr',
+           'resolve_device']
 
 # %% ../chapters/a3_training.ipynb #56402b24
 PROFILES = ("smoke", "quick", "paper")
@@ -48,6 +49,21 @@ def by_profile(profile: str,  # one of "smoke", "quick", "paper"
     if value is _MISSING:
         raise ValueError(f"by_profile: no value given for profile {profile!r}; pass {profile}=...")
     return value
+
+# %% ../chapters/a3_training.ipynb #a3ps0001
+def profile_sizes(table: dict,  # {profile: {name: value}}: a chapter's sizes per profile
+                  profile: str,  # a key of `table`
+                  **given,  # the chapter's parameters; None means "the profile's value"
+                  ) -> dict:
+    """The chapter's sizes at `profile`, a given value in place of the profile's wherever it is not None (0 and False
+    count: they are values, not "unset"); tuples become lists. A clear error for an unknown profile or parameter."""
+    if profile not in table:
+        raise ValueError(f"unknown profile {profile!r}: valid profiles are {', '.join(table)}")
+    unknown = sorted(set(given) - set(table[profile]))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown}: the sizes of this chapter are {sorted(table[profile])}")
+    out = {k: (given[k] if given.get(k) is not None else v) for k, v in table[profile].items()}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 # %% ../chapters/a3_training.ipynb #e8201c31
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
