@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO / "tools"))
 import lease as lease_tool  # noqa: E402
 import owed as owed_tool  # noqa: E402
 from build_book import THREAD_VARS  # noqa: E402
-from kdbook.engine import save_checkpoint  # noqa: E402
+from kdbook.engine import save_train_state as save_checkpoint  # noqa: E402
 from kdbook.store import Store, record_checksum  # noqa: E402
 
 

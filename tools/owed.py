@@ -944,7 +944,7 @@ def _read_archive(archive: Path, staging: Path) -> dict:
 
 
 def checkpoint_epoch(path: Path) -> int:
-    "The epoch a resumable checkpoint (kdbook.engine.save_checkpoint) has reached; ValueError when it is not one."
+    "The epoch a resumable checkpoint (kdbook.engine.save_train_state) has reached; ValueError when it is not one."
     import torch
     try:
         wrapper = torch.load(path, map_location="cpu", weights_only=True)
