@@ -318,20 +318,20 @@ def test_deadline_stops_cleanly_and_resumes(tmp_path, monkeypatch):
     from kdbook.engine import TrainingStopped
     monkeypatch.setattr(ke, "DEADLINE_MARGIN_S", 0.5)
     train = data(32, 0, shape=(1, 8, 8))
-    c = cfg(epochs=30, batch_size=8, policy="none", checkpoint_every=10)  # 4 steps of >= 10 ms per epoch
+    c = cfg(epochs=30, batch_size=8, policy="none", checkpoint_every=10)  # 4 steps of >= 50 ms per epoch: >= 6 s in all
     straight = _Tiny(0)
     fit(straight, train, train, c, seed=1)
     ckpt = tmp_path / "run.pt"
     monkeypatch.setenv("KDBOOK_DEADLINE", str(time.time() + 2.0))
     t0 = time.time()
     with pytest.raises(TrainingStopped, match="KDBOOK_DEADLINE"):
-        fit(_Tiny(0, sleep=0.01), train, train, c, seed=1, checkpoint=ckpt)
+        fit(_Tiny(0, sleep=0.05), train, train, c, seed=1, checkpoint=ckpt)
     assert time.time() - t0 < 2.0 and ckpt.exists(), "stopped before the deadline, with its work kept"
     # without a checkpoint the run stops as soon as its measured rate says it cannot finish
     monkeypatch.setenv("KDBOOK_DEADLINE", str(time.time() + 2.0))
     t0 = time.time()
     with pytest.raises(TrainingStopped, match="epochs left need"):
-        fit(_Tiny(0, sleep=0.01), train, train, c, seed=1)
+        fit(_Tiny(0, sleep=0.05), train, train, c, seed=1)
     assert time.time() - t0 < 1.0  # after its first epoch, not at the deadline
     # a deadline that leaves no time: not started at all
     monkeypatch.setenv("KDBOOK_DEADLINE", str(time.time() + 0.1))

@@ -52,6 +52,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PROFILES = ("smoke", "quick", "paper")
 TRACKED = ("results", "data/checkpoints/partial")  # what a slice brings back
+
+
+def _transient(path: Path) -> bool:
+    "A file the store writes only while it works: a temp file before its rename, or a run's lock (store.lock_path)."
+    return path.name.endswith((".tmp", ".lock"))
 PART_BYTES = 16 * 1000 * 1000  # at most 16 MB per file written to --out
 MAX_FILES = 8  # parts + manifest.json + papermill.log
 ARCHIVE = "owed.tar.gz"
@@ -590,7 +595,7 @@ class Exporter:
             if not base.exists():
                 continue
             for p in sorted(base.rglob("*")):
-                if not p.is_file() or p.name.endswith(".tmp"):
+                if not p.is_file() or _transient(p):
                     continue
                 rel = p.relative_to(self.root).as_posix()
                 try:
@@ -684,7 +689,7 @@ def snapshot(root: Path) -> dict[str, str]:
         base = root / top
         if base.exists():
             for p in sorted(base.rglob("*")):
-                if p.is_file() and not p.name.endswith(".tmp"):
+                if p.is_file() and not _transient(p):
                     out[p.relative_to(root).as_posix()] = sha256_file(p)
     return out
 
