@@ -74,19 +74,53 @@ def test_slider_works_with_the_network_blocked(browser, served_book, swept):
     page.close()
 
 
-def test_every_chapter_page_shows_its_figures(browser, served_book, built_book):
+def _pages(built_book, chapters_only=True):
+    html = built_book.html
+    found = (html / "chapters").glob("*.html") if chapters_only else (
+        p for p in html.rglob("*.html") if not any(part.startswith("_") for part in p.relative_to(html).parts[:-1]))
+    return sorted(p.relative_to(html).as_posix() for p in found)
+
+
+@pytest.fixture(scope="module")
+def visited(browser, served_book, built_book):
+    """Every page of the built book opened ONCE (a desktop window, 1280 px; requests outside the book aborted and
+    listed), with what the checks below read from it: the outside requests of every page, and for chapter pages
+    their images, the panel widths of their figures and their visible text outside code and math."""
+    import time
+    chapters = set(_pages(built_book))
+    out = {}
+    for rel in _pages(built_book, chapters_only=False):
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        requests = []
+        page.on("request", lambda r: requests.append(r.url))
+        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(served_book)
+                   else route.abort())
+        page.goto(f"{served_book}/{rel}", wait_until="networkidle")
+        report = {"outside": sorted({u for u in requests
+                                     if not u.startswith((served_book + "/", "data:", "blob:", "about:"))})}
+        if rel in chapters:
+            if "/" + rel in SLIDER_PAGES.values():
+                t0 = time.time()
+                page.wait_for_selector(".kdbook-slider .noUi-handle", timeout=30_000)
+                report["slider_s"] = time.time() - t0
+            report["images"] = page.evaluate(IMAGES)
+            report["panels"] = page.evaluate(PANEL_WIDTHS)
+            # wait until MathJax has typeset the page (it replaces $...$ with mjx-container elements)
+            page.evaluate("() => window.MathJax && MathJax.startup && MathJax.startup.promise ? "
+                          "MathJax.startup.promise.then(() => true) : true")
+            report["text"] = page.evaluate(HIDE_CODE_AND_MATH)  # last: it hides code and math on the page
+        out[rel] = report
+        page.close()
+    return out
+
+
+def test_every_chapter_page_shows_its_figures(visited):
     """Every executed chapter page loads, and every image on it decodes; pages with sliders render them."""
-    pages = sorted(p.relative_to(built_book.html).as_posix() for p in (built_book.html / "chapters").glob("*.html"))
+    pages = [rel for rel, r in visited.items() if "images" in r]
     assert len(pages) >= 10, pages
     for rel in pages:
-        page = browser.new_page()
-        page.goto(f"{served_book}/{rel}", wait_until="networkidle")
-        if "/" + rel in SLIDER_PAGES.values():
-            page.wait_for_selector(".kdbook-slider .noUi-handle", timeout=30_000)
-        images = page.evaluate(IMAGES)
-        broken = [i["src"] for i in images if not (i["complete"] and i["w"] > 0)]
+        broken = [i["src"] for i in visited[rel]["images"] if not (i["complete"] and i["w"] > 0)]
         assert not broken, f"{rel}: images not decoded: {broken}"
-        page.close()
 
 
 # The panels of every figure, measured on the page: in each image, the row of pixels with the most long dark
@@ -152,20 +186,14 @@ def test_the_panel_measure_finds_narrow_panels(browser, tmp_path):
     assert len(grid_m["panels"]) == 2 and min(grid_m["panels"]) >= MIN_PANEL_PX, grid_m
 
 
-def test_every_figure_panel_is_wide_enough_on_the_page(browser, served_book, built_book):
+def test_every_figure_panel_is_wide_enough_on_the_page(visited):
     """No panel of any figure of any chapter is shown under MIN_PANEL_PX wide (a desktop window, 1280 px): a
     wider figure is shrunk to the text column, and its labels with it."""
-    pages = sorted(p.relative_to(built_book.html).as_posix() for p in (built_book.html / "chapters").glob("*.html"))
-    assert pages, "no chapter pages were built"
-    narrow = []
-    for rel in pages:
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(f"{served_book}/{rel}", wait_until="networkidle")
-        for fig in page.evaluate(PANEL_WIDTHS):
-            if fig["panels"] and min(fig["panels"]) < MIN_PANEL_PX:
-                narrow.append(f"{rel}: {len(fig['panels'])} panel(s) of {fig['panels']} px (image {fig['natural']} px "
-                              f"shown at {fig['rendered']} px): {fig['src']}")
-        page.close()
+    assert any("panels" in r for r in visited.values()), "no chapter pages were built"
+    narrow = [f"{rel}: {len(fig['panels'])} panel(s) of {fig['panels']} px (image {fig['natural']} px shown at "
+              f"{fig['rendered']} px): {fig['src']}"
+              for rel, r in visited.items() for fig in r.get("panels", [])
+              if fig["panels"] and min(fig["panels"]) < MIN_PANEL_PX]
     assert not narrow, (f"figures with panels under {MIN_PANEL_PX} px on the page (use kdbook.viz.panel_grid: at most "
                         "two panels a row):\n" + "\n".join(narrow))
 
@@ -186,43 +214,23 @@ HIDE_CODE_AND_MATH = r"""() => {
 }"""
 
 
-def test_no_raw_markup_in_any_page_text(browser, served_book, built_book):
+def test_no_raw_markup_in_any_page_text(visited):
     """No page shows raw LaTeX dollars, `\\_`, or a `|---|` pipe table in its visible text (outside code)."""
     import re
-    pages = sorted(p.relative_to(built_book.html).as_posix() for p in (built_book.html / "chapters").glob("*.html"))
-    assert pages, "no chapter pages were built"
+    assert any("text" in r for r in visited.values()), "no chapter pages were built"
     found = []
-    for rel in pages:
-        page = browser.new_page()
-        page.goto(f"{served_book}/{rel}", wait_until="networkidle")
-        # wait until MathJax has typeset the page (it replaces $...$ with mjx-container elements)
-        page.evaluate("() => window.MathJax && MathJax.startup && MathJax.startup.promise ? "
-                      "MathJax.startup.promise.then(() => true) : true")
-        text = page.evaluate(HIDE_CODE_AND_MATH)
+    for rel, r in visited.items():
+        text = r.get("text", "")
         for what, pattern in RAW_MARKUP.items():
             for m in re.finditer(pattern, text):
                 found.append(f"{rel}: {what}: …{text[max(0, m.start() - 60):m.end() + 60]!r}…")
-        page.close()
     assert not found, "raw markup in rendered pages:\n" + "\n".join(found[:30])
 
 
-def test_no_page_of_the_book_requests_anything_from_outside(browser, served_book, built_book):
-    """Every page of the built book (chapters, index, search, genindex...) is opened; every request it makes,
+def test_no_page_of_the_book_requests_anything_from_outside(visited):
+    """Every page of the built book (chapters, API reference, index, search...) is opened; every request it makes,
     scripts, styles, images and fonts included, must go to the book's own server (outside ones are aborted
     and listed)."""
-    pages = sorted(p.relative_to(built_book.html).as_posix() for p in built_book.html.rglob("*.html")
-                   if not any(part.startswith("_") for part in p.relative_to(built_book.html).parts[:-1]))
-    assert len(pages) >= 10, pages
-    outside = {}
-    for rel in pages:
-        page = browser.new_page()
-        requests = []
-        page.on("request", lambda r: requests.append(r.url))
-        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(served_book)
-                   else route.abort())
-        page.goto(f"{served_book}/{rel}", wait_until="networkidle")
-        bad = [u for u in requests if not u.startswith((served_book + "/", "data:", "blob:", "about:"))]
-        if bad:
-            outside[rel] = sorted(set(bad))
-        page.close()
+    assert len(visited) >= 10, sorted(visited)
+    outside = {rel: r["outside"] for rel, r in visited.items() if r["outside"]}
     assert not outside, f"pages requesting addresses outside the book: {outside}"
