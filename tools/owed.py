@@ -524,6 +524,10 @@ def execute(root: Path,  # the repository
     reader.join(timeout=10)
     t_end = time.time()
     cause = failure_cause(executed) if status == "failed" else None
+    if status == "failed" and cause is not None and ": TrainingStopped: " in cause:
+        # the engine saw the deadline coming (KDBOOK_DEADLINE) and stopped with its checkpoint: unfinished, not failed
+        print(f"owed: {stem}: stopped before the deadline, its checkpoint kept ({cause})", flush=True)
+        status, cause = "partial", "stopped at the deadline (checkpoint kept)"
     if status == "failed":
         print(f"owed: {stem} failed: {cause or f'papermill exited {rc} (see the log above)'}", flush=True)
     return {"status": status, "seconds": t_end - t0, "rc": rc, "train_s": experiment_seconds(executed, t_end),
