@@ -15,8 +15,8 @@ Distils an ensemble of `--members` pre-activation ResNet-`--depth` teachers into
       one at a time and k in one step (loop and grouped);
   (s) k students with same_batches in one graphed step, members one after another (loop) beside members as
       parallel CUDA streams (kdbook.engine.LoopStack(streams=True)), k = `--stream-ks` (4, 16 on CUDA; 4 on CPU);
-  (g) the SN-GAN of kdbook.gan (chapter 22_gan): seconds per generator step (`n_dis` = 5 discriminator steps and
-      one generator step, batch `--gan-batch-size`) through kdbook.gan.train_gan, fp32 eager and with its faster
+  (g) the SN-GAN of kdbook.experiments.gan (chapter 22_gan): seconds per generator step (`n_dis` = 5 discriminator steps and
+      one generator step, batch `--gan-batch-size`) through kdbook.experiments.gan.train_gan, fp32 eager and with its faster
       options (bf16 autocast, channels_last; CUDA only).
 Prints, per row, images/s per model and for all k models together, the ratio of the total to (a), and the
 seconds per 50,000-image epoch per model (and amortised: 50,000 / total images/s), and writes every row to
@@ -164,9 +164,9 @@ def time_engine(args, device, train, k=1, packed=False, same_batches=False, grap
 
 
 def time_gan(args, device, train, amp=False, channels_last=False):
-    """(g) seconds per SN-GAN generator step (n_dis discriminator steps + one generator step) of kdbook.gan.train_gan
+    """(g) seconds per SN-GAN generator step (n_dis discriminator steps + one generator step) of kdbook.experiments.gan.train_gan
     with the given options: a warm-up call, then one timed call of `--gan-steps` generator steps."""
-    from kdbook.gan import GANConfig, build_discriminator, build_generator, train_gan  # imports kdbook.store
+    from kdbook.experiments.gan import GANConfig, build_discriminator, build_generator, train_gan  # imports kdbook.store
     gpu = device.type == "cuda"
     g_width, d_width = args.gan_channels
     images = train.images[: max(4 * args.gan_batch_size, 512)]
@@ -203,7 +203,7 @@ def stream_rows(args, gpu):
 
 
 def gan_rows(args, gpu):
-    "(g): SN-GAN generator steps, fp32 eager, then with kdbook.gan's faster options (CUDA only)."
+    "(g): SN-GAN generator steps, fp32 eager, then with kdbook.experiments.gan's faster options (CUDA only)."
     rows = [("g", "SN-GAN generator step, fp32", dict(fn="gan"))]
     if gpu:
         rows += [("g", "SN-GAN generator step, bf16 autocast", dict(fn="gan", amp=True)),

@@ -10,9 +10,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
-from api_pages import LIBRARY, module_page, modules, pages, toc_text  # noqa: E402
+from api_pages import LIBRARY, module_names, module_page, modules, page_name, pages, toc_text  # noqa: E402
 
-MODULES = sorted(p.stem for p in (REPO / "kdbook").glob("*.py") if not p.stem.startswith("_"))
+MODULES = module_names(REPO)  # "losses", ..., "experiments.zoo", ...
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def test_pages_are_current(generated):
 def test_every_public_name_has_its_entry(generated):
     missing = []
     for name in MODULES:
-        page = generated.get(f"{name}.md")
+        page = generated.get(f"{page_name(name)}.md")
         if page is None:
             missing.append(f"kdbook.{name} (no page)")
             continue
@@ -43,8 +43,10 @@ def test_library_first_then_experiments_and_all_in_the_toc():
     library, experiments = modules(REPO)
     assert library == [m for m in LIBRARY if m in MODULES] and set(library) | set(experiments) == set(MODULES)
     assert {"losses", "metrics", "store", "train"} <= set(library) and not set(library) & set(experiments)
+    assert all(m.startswith("experiments.") for m in experiments), "experiment modules live in kdbook.experiments"
     entries = re.findall(r"file: (api/\w+)", (REPO / "_toc.yml").read_text())
-    want = ["api/index", *(f"api/{m}" for m in library), "api/experiments", *(f"api/{m}" for m in experiments)]
+    want = ["api/index", *(f"api/{page_name(m)}" for m in library), "api/experiments",
+            *(f"api/{page_name(m)}" for m in experiments)]
     assert entries == want, "_toc.yml's API part must list api/index, the library, api/experiments, the experiment modules"
     toc = yaml.safe_load((REPO / "_toc.yml").read_text())
     assert toc["parts"][-1]["chapters"][0]["file"] == "chapters/use_kdbook", "the usage page opens the last part"
@@ -99,7 +101,7 @@ def test_docstring_problem_detects_each_case():
 
 @pytest.mark.parametrize("name", MODULES)  # one test per module: every offender is reported in one run
 def test_module_docstring_says_what_it_provides(name):
-    text = (REPO / "kdbook" / f"{name}.py").read_text()
+    text = (REPO / "kdbook" / f"{name.replace('.', '/')}.py").read_text()
     problem = docstring_problem(importlib.import_module(f"kdbook.{name}").__doc__)
     assert problem is None, f"kdbook/{name}.py: {problem}"
     assert text.lstrip().startswith('"""'), f"kdbook/{name}.py: the docstring must open the file"

@@ -1,17 +1,17 @@
-"Checks of the Appendix B and C chapters' modules (kdbook.ensembles, kdbook.capacity): networks, settings, student packs through the store, GPU plans."
+"Checks of the Appendix B and C chapters' modules (kdbook.experiments.ensembles, kdbook.experiments.capacity): networks, settings, student packs through the store, GPU plans."
 from dataclasses import replace
 
 import pytest
 import torch
 
-from kdbook.capacity import C_SETUP, c_conditions, c_setup, enlarged, gpu_plan as c_plan, paired_gain
+from kdbook.experiments.capacity import C_SETUP, c_conditions, c_setup, enlarged, gpu_plan as c_plan, paired_gain
 from kdbook.data import ImageSet
-from kdbook.ensembles import (B_SETUP, BC_NAME, Net, b_points, b_setup, bc_students, cost_as, gpu_plan as b_plan,
+from kdbook.experiments.ensembles import (B_SETUP, BC_NAME, Net, b_points, b_setup, bc_students, cost_as, gpu_plan as b_plan,
                               values, vgg16_scaled)
 from kdbook.models import count_params, vgg16
 from kdbook.store import Store
 from kdbook.train import make_model
-from kdbook.zoo import STUDENT_NAME, Recipe, zoo_item, zoo_teachers
+from kdbook.experiments.zoo import STUDENT_NAME, Recipe, zoo_item, zoo_teachers
 
 
 def test_net_builds_the_papers_networks():
@@ -81,11 +81,11 @@ def test_plans_follow_the_chapters_tables(monkeypatch):
 
 
 def test_quick_shares_the_zoo_of_section_4_2():
-    from kdbook.zoo import gpu_plan as zoo_plan
+    from kdbook.experiments.zoo import gpu_plan as zoo_plan
     zoo_keys = {it.key for it in zoo_plan("quick") if it.key is not None}
     b_items = b_plan("quick")
     assert {zoo_item("x", "quick", s).key for s in range(3)} <= {it.key for it in b_items} & zoo_keys
-    from kdbook.zoo import baseline_items
+    from kdbook.experiments.zoo import baseline_items
     assert baseline_items("x", "quick", 3)[0].key in {it.key for it in b_items} & zoo_keys  # §4.2's +0 ensemble students
     assert not {it.key for it in b_plan("paper") if it.key} & {it.key for it in zoo_plan("paper") if it.key}  # paper: nothing is §4.2's
 

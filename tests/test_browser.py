@@ -10,7 +10,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-ne
          "--disable-component-update", "--disable-sync", "--no-first-run"]
 PAGE = "/chapters/10_preliminaries.html"
 # the pages with a precomputed-view slider (kdbook.viz.slider_stack) and what it sweeps
-SLIDER_PAGES = {"tau": PAGE, "lam": "/chapters/42_optimization.html"}
+SLIDER_PAGES = {"tau": PAGE, "lam": "/chapters/62_optimization.html"}
 VISIBLE_STACK_IMAGES = """() => Array.from(document.querySelectorAll('.kdbook-stack img'))
     .filter(i => i.offsetParent !== null && i.getBoundingClientRect().width > 0).map(i => i.src)"""
 IMAGES = "() => Array.from(document.images).map(i => ({src: i.src, complete: i.complete, w: i.naturalWidth}))"

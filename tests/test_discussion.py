@@ -1,4 +1,4 @@
-"""§7 Discussion (kdbook.findings): every verdict rests on stored records of the profile it cites or says owed,
+"""§7 Discussion (kdbook.experiments.findings): every verdict rests on stored records of the profile it cites or says owed,
 agrees with the preface's coverage table, follows the stated rule, and the README's first screen is its summary."""
 import copy
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kdbook.findings import (FINDINGS, MNIST_STUDENT_LR, README_END, README_START, VERDICTS, chapter_state,
+from kdbook.experiments.findings import (FINDINGS, MNIST_STUDENT_LR, README_END, README_START, VERDICTS, chapter_state,
                              cost_summary, readme_summary, record_profile, update_readme, verdict_rows)
 from kdbook.store import Store, chapter_plan
 
@@ -137,7 +137,7 @@ def test_the_verdict_follows_the_deviations_named_in_the_records(records):
 
 
 def test_two_students_of_one_trial_are_refused_not_mixed(records):
-    from kdbook.findings import mnist_evidence
+    from kdbook.experiments.findings import mnist_evidence
     mine = chapter_state(REPO, "21_mnist", records)["records"]
     if not mine:
         pytest.skip("no 21_mnist records at its published profile")
@@ -153,7 +153,7 @@ def test_the_student_learning_rate_is_the_chapters():
     nb = json.loads((REPO / "chapters" / "21_mnist.ipynb").read_text())
     src = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
     m = re.search(r"student_lr = student_lr if student_lr is not None else by_profile\(([^)]*)\)", src)
-    assert m, "21_mnist no longer sets student_lr with by_profile: update kdbook.findings.MNIST_STUDENT_LR's check"
+    assert m, "21_mnist no longer sets student_lr with by_profile: update kdbook.experiments.findings.MNIST_STUDENT_LR's check"
     values = {float(v) for v in re.findall(r"(?:smoke|quick|paper)=([0-9.e-]+)", m.group(1))}
     assert values == {MNIST_STUDENT_LR}, f"21_mnist's student lr {values} != findings.MNIST_STUDENT_LR"
 
@@ -165,7 +165,7 @@ def test_readme_first_screen_is_the_summary(records, rows):
     block = first_screen.split(README_START, 1)[1].split(README_END, 1)[0].strip().splitlines()
     want = readme_summary(rows, cost_summary(REPO, records))
     assert [l.rstrip() for l in block] == want, \
-        "README's summary is stale: run python -c \"from kdbook.findings import update_readme; update_readme('.')\""
+        "README's summary is stale: run python -c \"from kdbook.experiments.findings import update_readme; update_readme('.')\""
     assert len(want) == 3
 
 

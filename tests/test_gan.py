@@ -1,4 +1,4 @@
-"""kdbook.gan (chapter 22): the SN-GAN's networks, losses, resumable training, the stored synthetic sets and the
+"""kdbook.experiments.gan (chapter 22): the SN-GAN's networks, losses, resumable training, the stored synthetic sets and the
 Fréchet distance. CPU only, small widths, a few seconds."""
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 from torch.nn.utils import parametrize
 
 from kdbook.data import to_float
-import kdbook.gan as gan
-from kdbook.gan import (GANCheckpointError, GANConfig, GANPaused, SyntheticSetError, build_discriminator,
+import kdbook.experiments.gan as gan
+from kdbook.experiments.gan import (GANCheckpointError, GANConfig, GANPaused, SyntheticSetError, build_discriminator,
                         build_generator, classifier_features, d_hinge_loss, discriminator_step, frechet_distance,
                         frechet_distance_gaussians, g_hinge_loss, generate_images, generator_from_record, images_sha256,
                         linear_lr, load_synthetic_set, profile_settings, regenerate_synthetic_set, save_synthetic_set,
@@ -310,7 +310,7 @@ def test_classifier_features_are_the_input_of_fc():
 
 
 def test_deadline_budget_and_plan():
-    from kdbook.gan import DEADLINE_RESERVE_S, deadline_budget, gpu_plan
+    from kdbook.experiments.gan import DEADLINE_RESERVE_S, deadline_budget, gpu_plan
     assert deadline_budget(None, env={}) is None and deadline_budget(30.0, env={}) == 30.0
     assert deadline_budget(None, env={"KDBOOK_DEADLINE": "1000"}, now=400.0) == 600.0 - DEADLINE_RESERVE_S
     assert deadline_budget(10.0, env={"KDBOOK_DEADLINE": "1000"}, now=400.0) == 10.0

@@ -1,4 +1,4 @@
-"""Chapters §5.1 (kdbook.policies), §5.2 (kdbook.recycling) and §6.1 (kdbook.train_agreement): the D0/D1 split,
+"""Chapters §5.1 (kdbook.experiments.policies), §5.2 (kdbook.experiments.recycling) and §6.1 (kdbook.experiments.train_agreement): the D0/D1 split,
 the policy runs, bad input refused before the store is touched, and students stored and read back.
 CPU only, tiny networks, a few seconds."""
 from __future__ import annotations
@@ -8,13 +8,13 @@ import torch
 
 from kdbook.augment import augment
 from kdbook.data import ImageSet
-from kdbook.policies import (APPENDED_RATIOS, POLICY_RUNS, POOL_POLICIES, S51_NAME, PoolSampler, check_policies,
+from kdbook.experiments.policies import (APPENDED_RATIOS, POLICY_RUNS, POOL_POLICIES, S51_NAME, PoolSampler, check_policies,
                              distill_students, policy_options, policy_params, policy_recipe, student_images)
-from kdbook.recycling import DISTILL_SETS, S52_NAME, check_fraction, recycling_params, recycling_sets, recycling_split
+from kdbook.experiments.recycling import DISTILL_SETS, S52_NAME, check_fraction, recycling_params, recycling_sets, recycling_split
 from kdbook.store import Store
 from kdbook.train import make_model
-from kdbook.train_agreement import CONTEXT_FIELDS, group, policies_key, recycling_key, select, synthetic_key
-from kdbook.zoo import Recipe, check_ensemble_size, zoo_ensemble
+from kdbook.experiments.train_agreement import CONTEXT_FIELDS, group, policies_key, recycling_key, select, synthetic_key
+from kdbook.experiments.zoo import Recipe, check_ensemble_size, zoo_ensemble
 
 TINY = Recipe(arch="resnet20", width=2, epochs=1, batch_size=8, lr=0.05, lr_min=1e-6, amp=False)
 
@@ -122,7 +122,7 @@ def test_pool_policies_append_their_share():
 def test_profile_defaults_keep_zero_and_false(module):
     "A parameter given as 0 or False is used as given; only None takes the profile's value (no `x or default`)."
     import importlib
-    m = importlib.import_module(f"kdbook.{module}")
+    m = importlib.import_module(f"kdbook.experiments.{module}")
     for profile in ("smoke", "quick", "paper"):
         default = m.profile_params(profile)
         assert default == m.profile_params(profile, **{k: None for k in default})
@@ -137,8 +137,8 @@ def test_profile_defaults_keep_zero_and_false(module):
 
 def test_policy_and_recycling_plans_follow_their_tables(monkeypatch):
     "The GPU plans read the chapters' own tables: more trials in the table, more planned seconds."
-    import kdbook.policies as policies
-    import kdbook.recycling as recycling
+    import kdbook.experiments.policies as policies
+    import kdbook.experiments.recycling as recycling
     for m in (policies, recycling):
         base = sum(it.seconds for it in m.gpu_plan("quick"))
         assert m.gpu_plan("quick")[0].what == "chapter start"
@@ -235,7 +235,7 @@ def test_pool_policy_student_resumes_from_its_checkpoint(tmp_path, monkeypatch):
     "A GAN-policy student stopped after one of two epochs (end of a GPU slice) resumes to the uninterrupted result."
     from dataclasses import replace
 
-    import kdbook.policies
+    import kdbook.experiments.policies
     from kdbook.train import distill
     data, recipe = _set(), replace(policy_recipe(TINY, "gan"), epochs=2)
     ran = []  # epochs distill_students ran, per run
@@ -244,7 +244,7 @@ def test_pool_policy_student_resumes_from_its_checkpoint(tmp_path, monkeypatch):
         ran.append([])
         return distill(*args, **kw, callback=lambda epoch, history: ran[-1].append(epoch))
 
-    monkeypatch.setattr(kdbook.policies, "distill", counting)
+    monkeypatch.setattr(kdbook.experiments.policies, "distill", counting)
     results = []
     for interrupted in (False, True):
         store = Store(tmp_path / f"r{interrupted}", checkpoints_dir=tmp_path / f"c{interrupted}", verbose=False,

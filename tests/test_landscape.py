@@ -1,4 +1,4 @@
-"""Tests of kdbook.landscape (§6.2, Figure 6b/6c): interpolation, the plane through three weight vectors, and the
+"""Tests of kdbook.experiments.landscape (§6.2, Figure 6b/6c): interpolation, the plane through three weight vectors, and the
 distillation loss evaluated on that plane."""
 import pytest
 import torch
@@ -7,7 +7,7 @@ from torch import nn
 import numpy as np
 
 from kdbook.data import ImageSet
-from kdbook.landscape import (augmented_agreement, cka_rbf_median_sq, flatten_state, functional_model, interpolate_state,
+from kdbook.experiments.landscape import (augmented_agreement, cka_rbf_median_sq, flatten_state, functional_model, interpolate_state,
                               loss_on_plane, plane_basis, plane_grid, rbf_gram_median_sq, unflatten_state)
 from kdbook.metrics import cka_linear
 from kdbook.losses import kd_loss
@@ -293,7 +293,7 @@ def test_committed_s62_records_pair_with_their_weights_and_teachers():
 @pytest.mark.parametrize("profile", ["smoke", "quick", "paper"])
 def test_profile_defaults_keep_zero_and_false(profile):
     "checkpoint_every = 0 means never, and a 0 seed is a seed: only None takes the profile's value."
-    from kdbook.landscape import PROFILE_SIZES, profile_params
+    from kdbook.experiments.landscape import PROFILE_SIZES, profile_params
     assert profile_params(profile, checkpoint_every=0)["checkpoint_every"] == 0
     assert profile_params(profile, checkpoint_every=None)["checkpoint_every"] == PROFILE_SIZES[profile]["checkpoint_every"] > 0
     assert profile_params(profile, aug_seed=0)["aug_seed"] == 0
@@ -305,7 +305,7 @@ def test_profile_defaults_keep_zero_and_false(profile):
 
 def test_quick_plan_reuses_the_stored_teacher_and_follows_the_table(tmp_path, monkeypatch):
     "Trial 0's stored 80-epoch teacher costs nothing; in an empty store it is planned; the plan reads PROFILE_SIZES."
-    import kdbook.landscape as landscape
+    import kdbook.experiments.landscape as landscape
     plan = landscape.gpu_plan("quick")
     stored = [it for it in plan if it.what.startswith("teacher of trial")]
     assert len(stored) == landscape.PROFILE_SIZES["quick"]["n_trials"]

@@ -1,4 +1,4 @@
-"Fast checks of kdbook.mnist, the helpers exported by chapters/21_mnist.ipynb (§4.1 and the α×τ study)."
+"Fast checks of kdbook.experiments.mnist, the helpers exported by chapters/21_mnist.ipynb (§4.1 and the α×τ study)."
 import math
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdbook.mnist import (classification_report, confusion_matrix, error_overlap, format_pm, kd_logit_gradients,
+from kdbook.experiments.mnist import (classification_report, confusion_matrix, error_overlap, format_pm, kd_logit_gradients,
                           label_gradient_share, near_chance, plot_alpha_tau_heatmaps, plot_figure2, soft_label_entropy,
                           summarize_runs)
 
@@ -109,7 +109,7 @@ def test_figure2_leaves_stalled_runs_out_of_its_bands():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from kdbook.mnist import _mean_std
+    from kdbook.experiments.mnist import _mean_std
     mean, std = _mean_std([[90.0, np.nan], [92.0, 95.0], [94.0, 97.0]])
     assert mean.tolist() == [92.0, 96.0] and std == pytest.approx([2.0, np.sqrt(2.0)])
     fig = plot_figure2([1000, 2000], [[90, np.nan], [92, 95]], [[80, np.nan], [82, 84]], [85, 86])

@@ -1,4 +1,4 @@
-"Fast CPU checks of kdbook.zoo (chapters/23_synthetic.ipynb): the teacher zoo's store keys, and bad input refused with the store untouched."
+"Fast CPU checks of kdbook.experiments.zoo (chapters/23_synthetic.ipynb): the teacher zoo's store keys, and bad input refused with the store untouched."
 from pathlib import Path
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from kdbook.data import ImageSet
 from kdbook.store import Store
-from kdbook.zoo import (ENSEMBLE_SIZES, STUDENT_NAME, ZOO_NAME, Recipe, check_ensemble_size, check_synthetic_sizes,
+from kdbook.experiments.zoo import (ENSEMBLE_SIZES, STUDENT_NAME, ZOO_NAME, Recipe, check_ensemble_size, check_synthetic_sizes,
                         distill_student, gpu_minutes, mixup_standin, student_recipe, synthetic_subset, teacher_recipe,
                         zoo_ensemble, zoo_params, zoo_teachers)
 
@@ -147,7 +147,7 @@ def _run_chapter(tmp_path, **params) -> str:
 
 
 def test_chapter_refuses_a_synthetic_size_beyond_the_stored_gan_set(tmp_path):
-    from kdbook.gan import save_synthetic_set
+    from kdbook.experiments.gan import save_synthetic_set
     store = Store(tmp_path / "results", verbose=False)
     params = {"profile": "smoke", "gan": "0" * 16, "sizes": [10], "sample_seed": 0}
     key = store.key("gan-synthetic", params, 0)
@@ -175,7 +175,7 @@ def test_chapter_without_gan_sets_trains_the_zoo_then_says_what_is_missing(tmp_p
 
 
 def test_quick_follows_appendix_b_and_holds_steps_fixed():
-    from kdbook.zoo import FIXED_STEPS, N_TRIALS, SYNTHETIC_SIZES, ZOO_DATA, student_recipe_for
+    from kdbook.experiments.zoo import FIXED_STEPS, N_TRIALS, SYNTHETIC_SIZES, ZOO_DATA, student_recipe_for
     t, s = teacher_recipe("quick"), student_recipe("quick")
     assert (t.arch, s.arch, ZOO_DATA["quick"]["n_train"]) == ("resnet20", "resnet20", 10000)
     assert SYNTHETIC_SIZES["quick"] == [0, 10000] and N_TRIALS["quick"] >= 2 and FIXED_STEPS["quick"]
@@ -187,8 +187,8 @@ def test_quick_follows_appendix_b_and_holds_steps_fixed():
 
 def test_baseline_students_are_shared_with_section_5_1(data, tmp_path, monkeypatch):
     "§4.2's +0 students and §5.1's Baseline students: one store name, one key, one planned Item."
-    import kdbook.zoo as zoo_mod
-    from kdbook.zoo import baseline_items, baseline_students, fig1_students, gpu_plan, no_synthetic
+    import kdbook.experiments.zoo as zoo_mod
+    from kdbook.experiments.zoo import baseline_items, baseline_students, fig1_students, gpu_plan, no_synthetic
     train, test = data
     store = Store(tmp_path / "results", verbose=False)
     zoo = zoo_teachers(store, [0, 1, 2], train, test, TINY, device="cpu")

@@ -30,10 +30,22 @@ INTRO = {
 }
 
 
+def module_names(root: Path = REPO) -> list[str]:
+    "Every public module of kdbook, as a dotted name under kdbook: the library's and `experiments.<name>`."
+    pkg = Path(root) / "kdbook"
+    return sorted(".".join(p.relative_to(pkg).with_suffix("").parts) for p in pkg.rglob("*.py")
+                  if not p.stem.startswith("_"))
+
+
+def page_name(module: str) -> str:
+    "The page of a module under api/: its last name (`experiments.zoo` -> `zoo`)."
+    return module.rsplit(".", 1)[-1]
+
+
 def modules(root: Path = REPO) -> tuple[list[str], list[str]]:
-    "(library modules, experiment modules) of kdbook: every kdbook/*.py but __init__ and private ones."
+    "(library modules, experiment modules) of kdbook: kdbook/*.py and kdbook/experiments/*.py, private ones left out."
     import yaml
-    found = sorted(p.stem for p in (Path(root) / "kdbook").glob("*.py") if not p.stem.startswith("_"))
+    found = module_names(root)
     order = re.findall(r"chapters/([\w.-]+)", yaml.safe_dump(yaml.safe_load((Path(root) / "_toc.yml").read_text())))
     book = lambda m: order.index(source_chapter(root, m)) if source_chapter(root, m) in order else len(order)
     return [m for m in LIBRARY if m in found], sorted((m for m in found if m not in LIBRARY), key=lambda m: (book(m), m))
@@ -41,8 +53,8 @@ def modules(root: Path = REPO) -> tuple[list[str], list[str]]:
 
 def source_chapter(root: Path, name: str) -> str | None:
     "The chapter stem a generated module is exported from (its 'File to edit' header), or None."
-    text = (Path(root) / "kdbook" / f"{name}.py").read_text()
-    m = re.search(r"File to edit: \.\./chapters/([\w.-]+)\.ipynb", text)
+    text = (Path(root) / "kdbook" / f"{name.replace('.', '/')}.py").read_text()
+    m = re.search(r"File to edit: (?:\.\./)+chapters/([\w.-]+)\.ipynb", text)
     return m.group(1) if m else None
 
 
@@ -92,7 +104,7 @@ def index_page(root: Path, kind: str, names: list[str]) -> str:
     for n in names:
         doc = inspect.cleandoc(importlib.import_module(f"kdbook.{n}").__doc__ or "").replace("\n", " ")
         first = re.split(r"(?<=[.!?])\s", doc, maxsplit=1)[0] if doc else "—"
-        rows.append(f"| [kdbook.{n}]({n}.md) | {first.replace('|', chr(92) + '|')} |")
+        rows.append(f"| [kdbook.{n}]({page_name(n)}.md) | {first.replace('|', chr(92) + '|')} |")
     return f"# {title}\n\n{intro}\n\n| module | what it provides |\n|---|---|\n" + "\n".join(rows) + "\n"
 
 
@@ -104,7 +116,7 @@ def pages(root: Path = REPO) -> dict[str, str]:
     library, experiments = modules(root)
     out = {"index.md": index_page(root, "index", library), "experiments.md": index_page(root, "experiments", experiments)}
     for n in library + experiments:
-        out[f"{n}.md"] = module_page(root, n)
+        out[f"{page_name(n)}.md"] = module_page(root, n)
     return out
 
 
@@ -114,9 +126,9 @@ TOC_START = "      - file: api/index\n"
 def toc_text(root: Path, toc: str) -> str:
     "_toc.yml with its API entries (api/index, the library, api/experiments, the experiment modules) regenerated."
     library, experiments = modules(root)
-    block = (TOC_START + "        sections:\n" + "".join(f"          - file: api/{m}\n" for m in library)
+    block = (TOC_START + "        sections:\n" + "".join(f"          - file: api/{page_name(m)}\n" for m in library)
              + "      - file: api/experiments\n        sections:\n"
-             + "".join(f"          - file: api/{m}\n" for m in experiments))
+             + "".join(f"          - file: api/{page_name(m)}\n" for m in experiments))
     if TOC_START not in toc:
         raise ValueError("_toc.yml has no `      - file: api/index` entry: add it (with the usage page) in the last part")
     head, rest = toc.split(TOC_START, 1)
