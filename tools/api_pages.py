@@ -21,7 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # The library, in the order a reader meets it; every other module of kdbook is a chapter's experiment module.
-LIBRARY = ["losses", "metrics", "data", "augment", "models", "engine", "packing", "train", "store", "costs", "viz"]
+LIBRARY = ["losses", "metrics", "data", "augment", "models", "engine", "packing", "train", "store", "costs", "viz", "checks"]
 INTRO = {
     "index": ("The library", "The modules every chapter builds on: losses and metrics (§3), data, augmentation, "
               "networks, training and distillation engines, the results store and the plotting helpers (appendix A)."),
