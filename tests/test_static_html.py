@@ -206,3 +206,64 @@ def test_no_page_shows_project_operations(built_book):
             problems[p.relative_to(built_book.html).as_posix()] = found[:5]
     assert not problems, "pages showing project-operations text:\n" + "\n".join(
         f"{rel}:\n  " + "\n  ".join(found) for rel, found in problems.items())
+
+
+class _Figures(HTMLParser):
+    """Content images of a page and whether each sits in a named figure; the figures' ids; the #fig- links."""
+
+    VOID = {"img", "br", "hr", "meta", "link", "input", "source", "area", "base", "col", "embed", "param", "track",
+            "wbr"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.stack, self.loose, self.figures, self.links = [], [], [], set()
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "a" and (a.get("href") or "").startswith("#fig-"):
+            self.links.add(a["href"][1:])
+        if tag == "figure" and a.get("id") and "kdbook-thumbnails" not in (a.get("class") or ""):
+            self.figures.append(a["id"])
+        if tag == "img":
+            named = any(t == "figure" and at.get("id") for t, at in self.stack)
+            in_main = any(t == "main" for t, _ in self.stack)
+            if in_main and not named and "logo" not in (a.get("alt") or "").lower():
+                self.loose.append(a.get("src") or a.get("alt") or "?")
+        elif tag not in self.VOID:
+            self.stack.append((tag, a))
+
+    def handle_endtag(self, tag):
+        for i in range(len(self.stack) - 1, -1, -1):
+            if self.stack[i][0] == tag:
+                del self.stack[i:]
+                break
+
+
+def figure_problems(page_html: str) -> list[str]:
+    "Why a page's figures are not all named and referenced: images outside a named figure, figures never referenced."
+    p = _Figures()
+    p.feed(page_html)
+    return ([f"image outside a named figure: {src[:80]}" for src in p.loose]
+            + [f"figure {fid!r} is never referenced ({{numref}})" for fid in p.figures if fid not in p.links])
+
+
+def test_the_figure_scanner_finds_loose_and_unreferenced_figures():
+    ok = ('<main><p>As <a href="#fig-a">Fig. 1</a> shows</p><figure class="align-default" id="fig-a">'
+          '<img alt="x" src="../_images/a.png"><figcaption>A.</figcaption></figure>'
+          '<img alt="Colab logo" src="logo_colab.png"></main>')
+    assert figure_problems(ok) == []
+    loose = '<main><div class="cell_output"><img alt="x" src="../_images/b.png"></div></main>'
+    assert figure_problems(loose) == ["image outside a named figure: ../_images/b.png"]
+    unref = '<main><figure id="fig-c"><img src="c.png"></figure></main>'
+    assert figure_problems(unref) == ["figure 'fig-c' is never referenced ({numref})"]
+
+
+@pytest.mark.build
+def test_every_figure_is_named_and_referenced(built_book):
+    """Every figure of a chapter is a named MyST figure (glue:figure with :name:) and its page refers to it, so a
+    caption (profile, device, trials) always sits under it and the text can point at it."""
+    pages = sorted((built_book.html / "chapters").glob("*.html"))
+    assert pages, "no chapter pages were built"
+    problems = {p.name: found for p in pages if (found := figure_problems(p.read_text(errors="replace")))}
+    assert not problems, "figures that are not named and referenced:\n" + "\n".join(
+        f"{name}:\n  " + "\n  ".join(found) for name, found in problems.items())
