@@ -1,5 +1,6 @@
 """Shared fixtures: one smoke build of the whole book per pytest session, used by the build and
-browser tests; a local HTTP server over the built HTML."""
+browser tests; a local HTTP server over the built HTML; one uninterrupted run of the queue's tiny chapter,
+the reference of the queue and lease tests."""
 from __future__ import annotations
 
 import functools
@@ -49,6 +50,17 @@ def built_book(tmp_path_factory):
     assert proc.returncode == 0, f"book build failed ({wall:.0f} s):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     return SimpleNamespace(base=base, build=build, html=build / "html", results=results, stdout=proc.stdout,
                            wall_s=wall)
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory):
+    """A clone where test_queue.py's tiny chapter ran uninterrupted, every cell (its test cell too): the records
+    every interrupted slice of test_queue.py and test_lease.py must reach (computed once per session)."""
+    from test_queue import STEM, make_clone, owed
+    tmp = tmp_path_factory.mktemp("tiny-reference")
+    ref = make_clone(tmp / "ref")
+    owed(ref, "run", "--budget-min", "10", "--out", str(tmp / "ref-out"), "--chapters", STEM, "--all-cells")
+    return ref
 
 
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -155,11 +155,10 @@ def wait_for(out: Path, pred, proc, timeout=240):
 
 
 @pytest.fixture(scope="module")
-def killed(tmp_path_factory):
-    "An uninterrupted reference (every cell); a slice SIGKILLed midway; its OUT imported into a fresh clone, resumed."
+def killed(tmp_path_factory, tiny_reference):
+    "A slice SIGKILLed midway; its OUT imported into a fresh clone, resumed; beside the uninterrupted reference."
     tmp = tmp_path_factory.mktemp("lease")
-    ref = make_clone(tmp / "ref")
-    owed(ref, "run", "--budget-min", "10", "--out", str(tmp / "ref-out"), "--chapters", STEM, "--all-cells")
+    ref = tiny_reference
     first = make_clone(tmp / "first")
     out = tmp / "out"
     proc = subprocess.Popen([sys.executable, str(first / "tools" / "owed.py"), "run", "--budget-min", "9", "--out",

@@ -107,11 +107,10 @@ def without_times(obj):
 
 
 @pytest.fixture(scope="module")
-def slices(tmp_path_factory):
-    "Reference: an uninterrupted slice. Then a slice stopped by its budget, exported, imported into a fresh clone, resumed."
+def slices(tmp_path_factory, tiny_reference):
+    "A slice stopped by its budget, exported, imported into a fresh clone, resumed; beside the uninterrupted reference."
     tmp = tmp_path_factory.mktemp("queue")
-    ref = make_clone(tmp / "ref")
-    owed(ref, "run", "--budget-min", "10", "--out", str(tmp / "ref-out"), "--chapters", STEM, "--all-cells")
+    ref = tiny_reference
     first = make_clone(tmp / "first")
     stopped = owed(first, "run", "--budget-min", "1", "--out", str(tmp / "out1"), "--chapters", STEM,
                    "--export-every-s", "5", "--grace-s", "5", env={"KDBOOK_TEST_EPOCH_SLEEP": "4"})
