@@ -36,6 +36,15 @@ def test_counts_on_a_known_notebook(tmp_path):
     assert m["visible_code_tokens"] == 13 + 6
 
 
+def test_prose_words_count_captions_not_code_fences():
+    md = ("See {numref}`fig-x` for it.\n\n"
+          "```{glue:figure} fig_x\n:name: fig-x\n\n**Bold title.** Caption with `code` and $x^2$.\n```\n\n"
+          "```python\nnot = prose + at_all\n```\n\n$$\ny = mx\n$$\nEnd.")
+    # "See for it" (3) + "Bold title Caption with and" (5) + "End" (1): no role, option, code, math or fenced code
+    assert sm.prose_words(md) == 9
+    assert sm.prose_words("```{code-cell} python\nprint(1)\n```\nTwo words") == 2
+
+
 def test_package_raise_assert_density(tmp_path):
     pkg = tmp_path / "pkg"
     pkg.mkdir()

@@ -76,6 +76,24 @@ def definitions(source: str) -> int:
     return n
 
 
+# A fenced block: ```info ... ``` (or ~~~). MyST directives whose body is text ({glue:figure}, {figure}, {note},
+# {admonition}, ...) keep their body's words (a figure's caption is prose); code, math and raw blocks count none.
+_FENCE = re.compile(r"^(`{3,}|~{3,})[ \t]*(.*?)[ \t]*\n(.*?)^\1[ \t]*$", re.M | re.S)
+_NOT_PROSE_DIRECTIVES = ("{code", "{math", "{raw", "{literalinclude", "{eval-rst", "{glue:math")
+
+
+def prose_words(markdown: str) -> int:
+    "Words of a markdown cell: inline code, roles (`{numref}`...``), math, HTML tags, link targets and code fences excluded."
+    def fence(m: re.Match) -> str:
+        info = m.group(2)
+        if not info.startswith("{") or info.startswith(_NOT_PROSE_DIRECTIVES):
+            return " "
+        return "\n".join(l for l in m.group(3).splitlines() if not re.match(r"^\s*:[\w-]+:", l))
+    text = _FENCE.sub(fence, markdown)
+    text = re.sub(r"\{[\w:-]+\}`[^`]*`|`[^`\n]*`|\$\$.*?\$\$|\$[^$\n]*\$|<[^>]+>|\]\([^)]*\)", " ", text, flags=re.S)
+    return len(_WORD.findall(text))
+
+
 def input_visible(cell: dict) -> bool:
     "Does the rendered book show this code cell's input?"
     d = directives("".join(cell["source"]))
@@ -93,7 +111,7 @@ def chapter_metrics(path: Path) -> dict:
     for cell in nb["cells"]:
         src = "".join(cell["source"])
         if cell["cell_type"] == "markdown":
-            words += len(_WORD.findall(re.sub(r"`[^`]*`|\$[^$]*\$|<[^>]+>|\]\([^)]*\)", " ", src)))
+            words += prose_words(src)
             continue
         if cell["cell_type"] != "code":
             continue
