@@ -1,6 +1,10 @@
 """Shared fixtures: one smoke build of the whole book per pytest session, used by the build and
 browser tests; a local HTTP server over the built HTML; one uninterrupted run of the queue's tiny chapter,
-the reference of the queue and lease tests."""
+the reference of the queue and lease tests.
+
+Under pytest-xdist (`make test` runs `-n auto --dist loadgroup`), the tests that share one of these session
+fixtures are kept on one worker (an xdist group per fixture), so each fixture is still computed once while the
+other tests run beside them."""
 from __future__ import annotations
 
 import functools
@@ -24,6 +28,17 @@ def toc_notebooks() -> list[str]:
     """The toc's entries (book order), as written in _toc.yml."""
     from build_book import toc_files
     return toc_files(yaml.safe_load((REPO / "_toc.yml").read_text()))
+
+
+# Session fixtures worth computing once: a test using one of them joins that fixture's xdist group.
+SHARED_FIXTURE_GROUPS = {"built_book": "book", "served_book": "book", "tiny_reference": "tiny-reference"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        groups = {SHARED_FIXTURE_GROUPS[f] for f in getattr(item, "fixturenames", ()) if f in SHARED_FIXTURE_GROUPS}
+        if groups:
+            item.add_marker(pytest.mark.xdist_group(sorted(groups)[0]))
 
 
 @pytest.fixture(scope="session")
