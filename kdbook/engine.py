@@ -44,11 +44,11 @@ _FLAGS = ("nesterov", "amp", "channels_last", "cuda_graphs", "progress")
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
-
+# %% ../chapters/a3c_engine.ipynb #73456c43
 def _is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
 
-
+# %% ../chapters/a3c_engine.ipynb #ba6d8b8a
 @dataclass
 class TrainConfig:
     "Settings of one training run (appendix A.3); validated on creation."
@@ -112,14 +112,14 @@ def cosine_lr(step: int,  # optimisation steps taken so far
     t = min(max(step, 0), total_steps) / max(total_steps, 1)
     return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * t))
 
-
+# %% ../chapters/a3c_engine.ipynb #4a21a62e
 def resolve_device(device: str = "auto") -> torch.device:
     "The torch device named by `device`; 'auto' picks CUDA when it is available."
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
-
+# %% ../chapters/a3c_engine.ipynb #301249ed
 def batch_starts(n: int, batch_size: int) -> list[int]:
     "Start offsets of the batches of one epoch over n examples (a trailing batch of one is dropped)."
     starts = list(range(0, n, batch_size))
@@ -127,7 +127,7 @@ def batch_starts(n: int, batch_size: int) -> list[int]:
         starts.pop()
     return starts
 
-
+# %% ../chapters/a3c_engine.ipynb #2d439c8a
 def autocast(device: torch.device, amp: bool):
     "bf16 autocast on CUDA when `amp` (weight cache off, as CUDA graphs require); nothing on CPU."
     if amp and device.type == "cuda":
@@ -224,7 +224,7 @@ def ce_terms(z: torch.Tensor,  # (k, B, C) logits of k models
     k, b, c = z.shape
     return F.cross_entropy(z.reshape(k * b, c), y.reshape(k * b), reduction="none").view(k, b).mean(1)
 
-
+# %% ../chapters/a3c_engine.ipynb #a114c2ad
 def kd_terms(z: torch.Tensor,  # (k, B, C) student logits
              zt: torch.Tensor,  # (k, B, C) teacher logits
              tau: float) -> torch.Tensor:
@@ -446,7 +446,7 @@ class Stream:
         y = labels[idx] if x.shape[0] == idx.numel() else None
         return x, y
 
-
+# %% ../chapters/a3c_engine.ipynb #0386c2a7
 def next_batch(streams, images, labels, start, cfg, augment_kw, channels_last, stacked):
     "One batch: (B, ...) from a single stream, or (k, B, ...) stacked from k streams."
     pairs = [s.batch(images, labels, start, cfg.batch_size, cfg.policy, augment_kw, channels_last) for s in streams]
@@ -466,11 +466,11 @@ def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     h.update(flat[::max(1, flat.numel() // (1 << 20))].cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
 
-
+# %% ../chapters/a3c_engine.ipynb #43e47853
 def param_shapes(models) -> list:
     return [[[n, list(t.shape)] for n, t in m.state_dict().items()] for m in models]
 
-
+# %% ../chapters/a3c_engine.ipynb #e7c685b0
 def save_train_state(path, state: dict):
     "Write `state` atomically (unique temp file in the same folder, then rename), with a sha256 of the payload."
     path = Path(path)
@@ -493,7 +493,7 @@ def save_train_state(path, state: dict):
             os.unlink(tmp)
         raise
 
-
+# %% ../chapters/a3c_engine.ipynb #c7907073
 def load_train_state(path) -> dict:
     "Read a checkpoint written by save_train_state; a damaged or foreign file is a ValueError naming it."
     remedy = f"delete {path} to restart the run from scratch"
@@ -515,7 +515,7 @@ def seed_global_rng(seed: int, device: torch.device):
     if device.type == "cuda":
         torch.cuda.manual_seed(seed + 2_000_029)
 
-
+# %% ../chapters/a3c_engine.ipynb #4c6f2641
 def rng_state(streams, device) -> dict:
     out = {"cpu": torch.get_rng_state(), "shuffle": [s.shuffle_gen.get_state() for s in streams],
            "aug": [s.aug_gen.get_state() for s in streams]}
@@ -523,7 +523,7 @@ def rng_state(streams, device) -> dict:
         out["cuda"] = torch.cuda.get_rng_state(device)
     return out
 
-
+# %% ../chapters/a3c_engine.ipynb #adff9ad7
 def set_rng_state(state, streams, device):
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and "cuda" in state:
@@ -559,7 +559,7 @@ class Run:
     augment_kw: dict = None
     epoch_estimate_s: float = None  # the caller's estimate of one epoch's seconds (deadline checks before the first)
 
-
+# %% ../chapters/a3c_engine.ipynb #5fee3a01
 # A run whose epoch-mean loss exceeds GROWTH_LIMIT times its first epoch's has diverged even while finite. At
 # initialisation a CE-type loss is about ln C (2.3 for 10 classes, 4.6 for 100), times tau^2 for the KD term (up to
 # 64 * 4.6 at tau = 8), and a run that learns stays below its first epoch's mean up to noise of a few per cent; a
@@ -577,13 +577,13 @@ def _diverged_message(run: Run, what: str, epoch: int, steps: str, lr: float) ->
     return (f"{run.name}: {what} in epoch {epoch} (steps {steps}); the run diverged, most likely because {cause}. "
             "Nothing was returned or stored; lower TrainConfig.lr (or choose another tau) and run again.")
 
-
+# %% ../chapters/a3c_engine.ipynb #6aae9bf2
 def _check_finite(run: Run, values: dict, epoch: int, steps: str, lr: float):
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
         raise FloatingPointError(_diverged_message(run, ", ".join(f"{k} = {v}" for k, v in bad.items()), epoch, steps, lr))
 
-
+# %% ../chapters/a3c_engine.ipynb #5f17a2de
 def _check_growth(run: Run, first: list, loss: list, epoch: int, steps: str, lr: float):
     "FloatingPointError when a model's epoch-mean loss grew past GROWTH_LIMIT x its first epoch's (floor LOSS_FLOOR)."
     for i, (a, b) in enumerate(zip(first, loss)):
@@ -592,7 +592,7 @@ def _check_growth(run: Run, first: list, loss: list, epoch: int, steps: str, lr:
                 run, f"train_loss = {b:.4g}{f' (model {i})' if run.k > 1 else ''}, over {GROWTH_LIMIT:g} x the first "
                 f"epoch's {a:.4g}", epoch, steps, lr))
 
-
+# %% ../chapters/a3c_engine.ipynb #c8e55460
 def _check_weights(run: Run, epoch: int, steps: str, lr: float):
     "Non-finite weights (the last steps blew up after the loss was summed) stop the run before evaluation."
     params = list(run.model.named_parameters())
@@ -602,7 +602,7 @@ def _check_weights(run: Run, epoch: int, steps: str, lr: float):
     if bad:
         raise FloatingPointError(_diverged_message(run, f"non-finite weights ({', '.join(bad[:3])})", epoch, steps, lr))
 
-
+# %% ../chapters/a3c_engine.ipynb #35a576ab
 class TrainingStopped(KeyboardInterrupt):
     """A run stopped on purpose before its end (SIGTERM, or the KDBOOK_DEADLINE would pass): its checkpoint, when
     it has one, holds the work done so far and the same call resumes from it. A KeyboardInterrupt, so that no
@@ -612,7 +612,7 @@ class TrainingStopped(KeyboardInterrupt):
         super().__init__(message)
         self.checkpoint, self.reason = checkpoint, reason
 
-
+# %% ../chapters/a3c_engine.ipynb #1e4f613c
 DEADLINE_MARGIN_S = 2.0  # seconds kept free before KDBOOK_DEADLINE for the checkpoint write and the exit
 
 
@@ -626,7 +626,7 @@ def deadline() -> float | None:
     except ValueError:
         raise ValueError(f"KDBOOK_DEADLINE must be a unix time in seconds (e.g. 1767225600), got {value!r}") from None
 
-
+# %% ../chapters/a3c_engine.ipynb #cbbe5b51
 @contextlib.contextmanager
 def _stop_on_sigterm(flag: dict):
     "While a run is in progress, SIGTERM only sets flag['signal']; the loop checkpoints and stops at its next step."
@@ -640,7 +640,7 @@ def _stop_on_sigterm(flag: dict):
     finally:
         signal.signal(signal.SIGTERM, previous)
 
-
+# %% ../chapters/a3c_engine.ipynb #8dd205bd
 def _checkpoint_state(run, opt, step, streams, epoch, step_count, pos=None, first_loss=None):
     "Everything a resume needs; `pos` not None: stopped inside epoch `epoch` after `pos` batches (orders and sums saved)."
     run.copy_back()
@@ -655,7 +655,7 @@ def _checkpoint_state(run, opt, step, streams, epoch, step_count, pos=None, firs
         state["sums"] = [t.detach().cpu().clone() for t in (step.loss_sum, step.kd_sum, step.agree_sum, step.seen)]
     return state
 
-
+# %% ../chapters/a3c_engine.ipynb #6338f0bf
 def _resume(run, opt, step, streams):
     state = load_train_state(run.checkpoint)
     path = run.checkpoint
@@ -686,7 +686,7 @@ def _resume(run, opt, step, streams):
     first_loss = json.loads(state.get("first_loss", "null"))
     return int(state["epoch"]), int(state["step"]), json.loads(state["histories"]), pos, first_loss
 
-
+# %% ../chapters/a3c_engine.ipynb #fe451bdf
 def _stop(run, why, save):
     "Checkpoint (when the run has a path) and raise TrainingStopped naming why and what was kept."
     if run.checkpoint is not None:
@@ -697,7 +697,7 @@ def _stop(run, why, save):
     raise TrainingStopped(f"{run.name}: stopped ({why}); {kept}. Nothing was returned or stored.",
                           run.checkpoint, why)
 
-
+# %% ../chapters/a3c_engine.ipynb #e9735bdc
 _TRACE = {"on": False}
 RUN_LOG = {"graphed": 0, "eager": 0}  # finished runs of this process, by how their steps ran (read by the store's meta)
 
@@ -713,14 +713,14 @@ def trace_steps():
     finally:
         _TRACE["on"] = before
 
-
+# %% ../chapters/a3c_engine.ipynb #6b325928
 def train_loop(run: Run) -> list:
     "The epoch loop shared by fit, distill, fit_many and distill_many; returns k histories."
     flag = {}
     with _stop_on_sigterm(flag):
         return _train_loop(run, flag)
 
-
+# %% ../chapters/a3c_engine.ipynb #2393743b
 def _train_loop(run: Run, flag: dict) -> list:
     cfg, device = run.cfg, run.device
     use_cl = cfg.channels_last and device.type == "cuda" and run.images.dim() == 4
@@ -833,7 +833,6 @@ def _train_loop(run: Run, flag: dict) -> list:
             h["step_lr"] = step.trace_lr[:done_steps].tolist()
     return run.histories
 
-
 # %% ../chapters/a3c_engine.ipynb #c3e0d029
 def benchmark_rows(record: dict) -> list:
     "The rows of a benchmarks/distill_throughput.py record (format 2) as dicts ready for a table."
@@ -847,7 +846,7 @@ def benchmark_rows(record: dict) -> list:
             | ({"s per generator step": r["s_per_generator_step"]} if "s_per_generator_step" in r else {})  # (g) rows
             for r in record["rows"]]
 
-
+# %% ../chapters/a3c_engine.ipynb #2dba904b
 def plot_throughput(records: list,  # benchmark records (dicts), one line pair per record
                     ax=None):
     "Student images/s of all k students together against k (own batches, same batches); (a) dotted."

@@ -119,7 +119,7 @@ class _PackedBatchNorm:
                     "num_batches_tracked": self.member_batches_tracked[i]}
         return out
 
-
+# %% ../chapters/a3d_packing.ipynb #0b348356
 def _bn_args(bns):
     "Constructor arguments of one BatchNorm over the k members' channels."
     b = bns[0]
@@ -128,14 +128,14 @@ def _bn_args(bns):
                 track_running_stats=b.track_running_stats,
                 device=None if t is None else t.device, dtype=None if t is None else t.dtype)
 
-
+# %% ../chapters/a3d_packing.ipynb #fa703dad
 class PackedBatchNorm1d(_PackedBatchNorm, nn.BatchNorm1d):
     "k `nn.BatchNorm1d(C)` as one `BatchNorm1d(k*C)`."
     def __init__(self, bns: list):  # k nn.BatchNorm1d of one shape
         nn.BatchNorm1d.__init__(self, **_bn_args(bns))
         self._pack(bns)
 
-
+# %% ../chapters/a3d_packing.ipynb #a1080cb2
 class PackedBatchNorm2d(_PackedBatchNorm, nn.BatchNorm2d):
     "k `nn.BatchNorm2d(C)` as one `BatchNorm2d(k*C)`."
     def __init__(self, bns: list):  # k nn.BatchNorm2d of one shape
@@ -191,13 +191,13 @@ def _layer_reason(name, m) -> str | None:
                 f"known: {', '.join(c.__name__ for c in PACKERS)} and {', '.join(c.__name__ for c in CHANNEL_AGNOSTIC)}")
     return None  # a container (Sequential, a ResNet block): its children are checked
 
-
+# %% ../chapters/a3d_packing.ipynb #3023e887
 def _signature(model):
     "Everything that must agree between members: module tree and layer settings, parameter and buffer shapes."
     return ([f"{n or '<root>'}: {type(m).__name__}({m.extra_repr()})" for n, m in model.named_modules()],
             [f"{n}: {tuple(t.shape)} {t.dtype} on {t.device}" for n, t in model.state_dict().items()])
 
-
+# %% ../chapters/a3d_packing.ipynb #620fc2cd
 def _first_difference(a, b) -> str:
     "The first entry in which two signatures differ, as 'x vs y'."
     for xs, ys in zip(a, b):
@@ -208,7 +208,7 @@ def _first_difference(a, b) -> str:
             return f"{len(ys)} vs {len(xs)} entries"
     return "nothing"
 
-
+# %% ../chapters/a3d_packing.ipynb #910326ab
 def can_pack(models) -> str | None:
     "None when `models` (k >= 1 networks of one architecture) can run as one packed network, else the reason."
     models = list(models) if isinstance(models, (list, tuple)) else models
@@ -235,7 +235,7 @@ def _first_layer(model):
     "The first weight layer in registration order (the one that sees the input in the book's models)."
     return next((m for m in model.modules() if type(m) in PACKERS), None)
 
-
+# %% ../chapters/a3d_packing.ipynb #54d2040a
 PACKED_LEAVES = (PackedConv2d, PackedLinear, PackedBatchNorm1d, PackedBatchNorm2d, PackedGroupNorm)
 
 

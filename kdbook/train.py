@@ -73,7 +73,7 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
                                nesterov=cfg.nesterov and cfg.momentum > 0, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-
+# %% ../chapters/a3_training.ipynb #344a7c8f
 def make_model(name: str,  # a kdbook.models name: "lenet5", "resnet20", "resnet56", ...
                seed: int,  # seed of the weight initialisation
                **kwargs,  # passed on to kdbook.models.get_model
@@ -148,12 +148,12 @@ def _as_float_images(images, device) -> torch.Tensor:
     x = x.to(device)
     return to_float(x) if x.dtype == torch.uint8 else x.float()
 
-
+# %% ../chapters/a3_training.ipynb #163d3c20
 def _model_device(model) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
 
-
+# %% ../chapters/a3_training.ipynb #a9578796
 @torch.no_grad()
 def predict_logits(model_or_models,  # an nn.Module, an Ensemble, or a list of modules (an ensemble)
                    images,  # an ImageSet, a uint8 batch (N, C, H, W) or float images in [-1, 1]
@@ -185,7 +185,7 @@ def predict_logits(model_or_models,  # an nn.Module, an Ensemble, or a list of m
         model.train(was)
     return torch.cat(outs, dim=1 if return_members else 0).cpu()
 
-
+# %% ../chapters/a3_training.ipynb #4fb0d7bf
 def evaluate(student_logits: torch.Tensor,  # (N, C) logits of the model being judged
              teacher_logits: torch.Tensor | None = None,  # (N, C) teacher logits: adds agreement and KL
              labels: torch.Tensor | None = None,  # (N,) true labels: adds accuracy, NLL, ECE
@@ -210,7 +210,7 @@ def ce_loss(model, x, y):
                          "fit needs a label for every image; use these policies with distill")
     return F.cross_entropy(model(x).float(), y)
 
-
+# %% ../chapters/a3_training.ipynb #a2d807be
 def kd_step_loss(teacher: nn.Module,  # the (ensemble) teacher; evaluated without gradients
                  tau: float = 4.0,  # softmax temperature
                  alpha: float = 0.0,  # weight of the NLL term (Eq. 1); 0 in the paper's main text
@@ -225,7 +225,7 @@ def kd_step_loss(teacher: nn.Module,  # the (ensemble) teacher; evaluated withou
         return kd_loss(model(x).float(), teacher_logits, labels=y if alpha > 0 else None, tau=tau, alpha=alpha)
     return loss
 
-
+# %% ../chapters/a3_training.ipynb #7c840227
 def train_epoch(model, optimizer, images, labels, loss_fn, cfg: TrainConfig, shuffle_gen, aug_gen, step: int,
                 total_steps: int, augment_kw: dict | None = None) -> tuple[float, int]:
     "A plain eager epoch with a torch.optim optimizer (a reference for the engine); returns (mean loss, steps)."
@@ -255,14 +255,14 @@ def _prepare_model(model: nn.Module, device: torch.device, cfg: TrainConfig) -> 
         model = model.to(memory_format=torch.channels_last)
     return model
 
-
+# %% ../chapters/a3_training.ipynb #c35debe6
 def _check_images(name, data):
     if not isinstance(data, ImageSet):
         raise ValueError(f"{name} must be a kdbook.data.ImageSet, got {type(data).__name__}")
     if len(data) == 0:
         raise ValueError(f"{name} is empty")
 
-
+# %% ../chapters/a3_training.ipynb #bc654ff4
 MIN_TAU = 1e-4  # below this, logits / tau and tau^2 leave float32's range: every KD loss would be inf or nan
 
 
@@ -273,7 +273,7 @@ def _check_train_tau(tau) -> float:
                          f"(the KD loss would be nan, not a learning-rate problem); use tau >= {MIN_TAU:g}")
     return tau
 
-
+# %% ../chapters/a3_training.ipynb #56959d8b
 def _shared_params(a: nn.Module, b: nn.Module) -> list:
     "Names (in `a`) of the parameters `a` and `b` share (the same tensor object or storage)."
     def ids(m):
@@ -281,7 +281,7 @@ def _shared_params(a: nn.Module, b: nn.Module) -> list:
     mine = ids(a)
     return sorted(mine[k] for k in set(mine) & set(ids(b)))
 
-
+# %% ../chapters/a3_training.ipynb #ab793a03
 def _check_distinct(what: str, models: list):
     "Refuse the same module twice, or two modules sharing parameters: each would train the other's weights."
     for i, m in enumerate(models):
@@ -297,7 +297,7 @@ def _check_distinct(what: str, models: list):
                 raise ValueError(f"{what}[{i}] and {what}[{j}] share parameters ({', '.join(shared[:3])}): each run "
                                  "would update the other's weights; pass independent copies (copy.deepcopy)")
 
-
+# %% ../chapters/a3_training.ipynb #82cf2a48
 def _check_not_teacher(student: nn.Module, teacher: nn.Module, what: str = "student"):
     if student is teacher or any(student is m for m in teacher.modules()):
         raise ValueError(f"the {what} is also the teacher: distilling a model into itself would train the teacher "
@@ -307,17 +307,17 @@ def _check_not_teacher(student: nn.Module, teacher: nn.Module, what: str = "stud
         raise ValueError(f"the {what} shares parameters with the teacher ({', '.join(shared[:3])}): training it would "
                          "change the teacher; pass copy.deepcopy of the shared model")
 
-
+# %% ../chapters/a3_training.ipynb #802f4dfd
 def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
-
+# %% ../chapters/a3_training.ipynb #edead24f
 def _check_batch(what: str, model: nn.Module, data, cfg: TrainConfig):
     if _has_batchnorm(model) and (len(data) < 2 or cfg.batch_size < 2):
         raise ValueError(f"{what} has {len(data)} example(s) and batch_size is {cfg.batch_size}: a model with "
                          "BatchNorm needs at least 2 examples per batch; use more data or TrainConfig(batch_size >= 2)")
 
-
+# %% ../chapters/a3_training.ipynb #bc757798
 @torch.no_grad()
 def _classes(model: nn.Module, images: torch.Tensor, who: str, data_name: str, device, cached: bool = False) -> int:
     """The number of classes `model` outputs, probed in eval mode on two examples; a clear error when it cannot run.
@@ -338,7 +338,7 @@ def _classes(model: nn.Module, images: torch.Tensor, who: str, data_name: str, d
         raise ValueError(f"the {who} must return (batch, classes) logits, got shape {tuple(z.shape)}")
     return int(z.shape[1])
 
-
+# %% ../chapters/a3_training.ipynb #ed696296
 def _check_labels(data_name: str, labels: torch.Tensor, classes: int, who: str):
     lo, hi = int(labels.min()), int(labels.max())
     if lo < 0 or hi >= classes:
@@ -346,13 +346,13 @@ def _check_labels(data_name: str, labels: torch.Tensor, classes: int, who: str):
                          f"0 to {classes - 1}): build the model with num_classes={max(hi + 1, classes)} or pass "
                          "data with matching labels")
 
-
+# %% ../chapters/a3_training.ipynb #887fe085
 def _check_shapes(a_name, a, b_name, b):
     if tuple(a.images.shape[1:]) != tuple(b.images.shape[1:]):
         raise ValueError(f"{b_name} images {tuple(b.images.shape[1:])} differ in shape from {a_name} images "
                          f"{tuple(a.images.shape[1:])}")
 
-
+# %% ../chapters/a3_training.ipynb #0ac7d05d
 def _check_fit_inputs(models: list, train, test, cfg, device, what: str):
     "Before any training: the models can take the images, and every label names one of their classes."
     _check_shapes("train", train, "test", test)
@@ -362,7 +362,7 @@ def _check_fit_inputs(models: list, train, test, cfg, device, what: str):
     _check_labels("train", train.labels, classes, what)
     _check_labels("test", test.labels, classes, what)
 
-
+# %% ../chapters/a3_training.ipynb #e402a600
 def _check_distill_inputs(students: list, teacher: nn.Module, distill_data, test, cfg, alpha, device, what: str):
     "Before any training: student and teacher take the images and agree on the classes; labels are in range."
     _check_shapes("distill_data", distill_data, "test", test)
@@ -378,13 +378,13 @@ def _check_distill_inputs(students: list, teacher: nn.Module, distill_data, test
     if alpha > 0:
         _check_labels("distill_data", distill_data.labels, classes, what)
 
-
+# %% ../chapters/a3_training.ipynb #c89af7f9
 def _check_seed(seed):
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     return seed
 
-
+# %% ../chapters/a3_training.ipynb #d08351b0
 def _run(name, model, models, images, labels, cfg, seeds, device, **kw) -> list:
     "Build the engine's Run and execute it with the caller's CPU RNG restored afterwards."
     fingerprint = data_fingerprint(images, labels)
@@ -393,7 +393,7 @@ def _run(name, model, models, images, labels, cfg, seeds, device, **kw) -> list:
     with torch.random.fork_rng(devices=[]):
         return train_loop(run)
 
-
+# %% ../chapters/a3_training.ipynb #1caf3a46
 def fit(model: nn.Module,  # the network to train (its initial weights are the caller's: see make_model)
         train: ImageSet,  # labelled training images (uint8)
         test: ImageSet,  # labelled test images (uint8)
@@ -421,7 +421,7 @@ def fit(model: nn.Module,  # the network to train (its initial weights are the c
                 train.labels.to(device), cfg, [seed], device, evaluate=evaluate_fn, copy_back=lambda: None,
                 histories=[{}], checkpoint=checkpoint, callback=callback, augment_kw=augment_kw)[0]
 
-
+# %% ../chapters/a3_training.ipynb #c509ebad
 def _distill_inputs(distill_data, extra_data, device):
     images, labels = distill_data.images.to(device), distill_data.labels.to(device)
     if extra_data is not None:
@@ -433,7 +433,7 @@ def _distill_inputs(distill_data, extra_data, device):
         labels = torch.cat([labels, torch.full((len(extra_data),), -1, dtype=labels.dtype, device=device)])
     return images, labels
 
-
+# %% ../chapters/a3_training.ipynb #05b98d12
 TEACHER_CACHE_SIZE = 8  # (teacher, images) pairs whose fp32 logits are kept in memory (3 per distillation run)
 _teacher_logits: dict = {}  # (weights sha, images sha, batch size, device) -> CPU logits, oldest first
 
@@ -447,7 +447,7 @@ def weights_sha(model: nn.Module) -> str:
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-d buffers too
     return h.hexdigest()
 
-
+# %% ../chapters/a3_training.ipynb #3373afa2
 _image_shas: dict = {}  # (device, address, shape, stride, version) -> sha256: a tensor is hashed once while unchanged
 
 
@@ -463,7 +463,7 @@ def images_sha(images: torch.Tensor) -> str:
         _image_shas[memo] = h.hexdigest()
     return _image_shas[memo]
 
-
+# %% ../chapters/a3_training.ipynb #3b805677
 def teacher_logits(teacher: nn.Module, images: torch.Tensor, batch_size: int, device) -> torch.Tensor:
     """predict_logits of a teacher, computed once per process for these weights and images (fp32, eval mode):
     every student distilled from one teacher is scored against the same logits without a new teacher forward."""
@@ -477,7 +477,7 @@ def teacher_logits(teacher: nn.Module, images: torch.Tensor, batch_size: int, de
         _teacher_logits.pop(next(iter(_teacher_logits)))
     return z
 
-
+# %% ../chapters/a3_training.ipynb #cd755b2b
 def _distill_eval(teacher, images, n_distill, test, cfg, device):
     "Teacher scores and a function scoring a student on the test set and the clean distillation images."
     test_images, test_labels = test.images.to(device), test.labels.cpu()
@@ -495,7 +495,7 @@ def _distill_eval(teacher, images, n_distill, test, cfg, device):
 
     return first, score
 
-
+# %% ../chapters/a3_training.ipynb #7f5a4132
 def distill(student: nn.Module,  # the network to train
             teachers,  # an nn.Module, a list of them (an ensemble, paper §3) or an Ensemble
             distill_data: ImageSet,  # the distillation data (its labels are used only when alpha > 0)
@@ -542,14 +542,14 @@ def _pack(models, shared_input: bool, packing: str = "loop"):
         return LoopStack(list(models), shared_input=shared_input, streams=packing == "streams")
     return pack(list(models), shared_input=shared_input)
 
-
+# %% ../chapters/a3_training.ipynb #ee8e8c57
 def _check_seeds(seeds, k):
     if len(seeds) != k:
         raise ValueError(f"need one seed per model: got {len(seeds)} seeds for {k} models")
     for s in seeds:
         _check_seed(s)
 
-
+# %% ../chapters/a3_training.ipynb #9f7ee2a8
 def fit_many(models: list,  # k models of one architecture
              train: ImageSet, test: ImageSet, cfg: TrainConfig,
              seeds: list,  # one seed per model (data order and augmentation, as fit's seed)
@@ -578,7 +578,7 @@ def fit_many(models: list,  # k models of one architecture
                 evaluate=evaluate_fn, copy_back=lambda: packed.copy_to(models), histories=[{} for _ in models],
                 augment_kw=augment_kw, checkpoint=checkpoint, callback=callback)
 
-
+# %% ../chapters/a3_training.ipynb #af58617c
 def distill_many(students: list,  # k students of one architecture
                  teachers,  # one teacher (module, list of modules or Ensemble) shared by all students
                  distill_data: ImageSet, test: ImageSet, cfg: TrainConfig,
@@ -638,7 +638,7 @@ def mnist_configs(profile: str,  # "smoke", "quick" or "paper"
     student = TrainConfig(**{**teacher.to_dict(), "lr_min": 1e-6 if p["optimizer"] == "sgd" else 0.0})
     return teacher, student
 
-
+# %% ../chapters/a3_training.ipynb #b8fba710
 _CHAPTER = "a3_training"
 
 
