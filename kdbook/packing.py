@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 
+from fastcore.basics import patch
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -270,105 +271,123 @@ class Packed(nn.Module):
         object.__setattr__(self, "_template", copy.deepcopy(models[0]).cpu())
         self.train(models[0].training)
 
-    def pack_input(self, x: torch.Tensor,  # (k, B, C, ...) one batch per member, or (B, C, ...) shared by all
-                   shared: bool | None = None,  # x is one batch for all members; None: the model's shared_input
-                  ) -> torch.Tensor:
-        "The members' inputs as one batch: (k, B, C, ...) -> (B, k*C, ...); shared: (B, C, ...) as is or repeated."
-        if self.shared_input if shared is None else shared:
-            if self.in_channels is not None and (x.dim() != 4 or x.shape[1] != self.in_channels):
-                raise ValueError(f"shared input: expected one batch (B, {self.in_channels}, H, W) for all "
-                                 f"{self.k} members, got shape {tuple(x.shape)}")
-            if self.share_conv:
-                return x  # the first conv reads the single copy
-            b, c, *rest = x.shape
-            return x.unsqueeze(1).expand(b, self.k, c, *rest).reshape(b, self.k * c, *rest)
-        if x.dim() < 3 or x.shape[0] != self.k or (self.in_channels is not None and (x.dim() != 5 or x.shape[2] != self.in_channels)):
-            want = f"({self.k}, B, {self.in_channels}, H, W)" if self.in_channels is not None else f"({self.k}, B, ...)"
-            raise ValueError(f"expected one batch per member, shape {want}, got {tuple(x.shape)}")
-        k, b, c, *rest = x.shape
-        if x.dim() == 5 and x[0].is_contiguous(memory_format=torch.channels_last) and not x[0].is_contiguous():
-            # NHWC members -> one NHWC batch: channels of member i at [i*C, (i+1)*C) of each pixel
-            return x.permute(1, 3, 4, 0, 2).reshape(b, *rest, k * c).permute(0, 3, 1, 2)
-        return x.transpose(0, 1).reshape(b, k * c, *rest)
-
-    def forward(self, x: torch.Tensor,  # (k, B, C, H, W), or (B, C, H, W) with shared_input
-                shared: bool | None = None,  # override shared_input for this call (e.g. k students on one test batch)
-               ) -> torch.Tensor:
-        "The k members' outputs, (k, B, num_outputs)."
-        y = self.net(self.pack_input(x, shared))  # (B, k*O)
-        return y.reshape(y.shape[0], self.k, -1).transpose(0, 1)  # (k, B, O)
-
-    def _leaves(self):
-        return [(n, m) for n, m in self.net.named_modules() if isinstance(m, PACKED_LEAVES)]
-
-    def _member_views(self, i: int) -> dict:
-        "Views into the packed tensors that hold member i's parameters and buffers, keyed as its state dict."
-        views = {}
-        for name, m in self._leaves():
-            views |= {(f"{name}.{key}" if name else key): t for key, t in m.member_state(i).items()}
-        return views
-
-    def state_dicts(self) -> list:
-        "k ordinary state dicts (copies), keys and order exactly those of the original models."
-        out = []
-        for i in range(self.k):
-            views = self._member_views(i)
-            out.append({key: views[key].detach().clone() for key in self._shapes})
-        return out
-
-    def check_state_dicts(self, states: list) -> None:
-        "ValueError unless `states` are k state dicts with the members' keys and shapes."
-        if not isinstance(states, (list, tuple)) or len(states) != self.k:
-            raise ValueError(f"expected a list of {self.k} state dicts, got {type(states).__name__} of length "
-                             f"{len(states) if hasattr(states, '__len__') else '?'}")
-        for i, sd in enumerate(states):
-            missing, unexpected = set(self._shapes) - set(sd), set(sd) - set(self._shapes)
-            if missing or unexpected:
-                raise ValueError(f"state dict {i}: missing keys {sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}")
-            bad = [f"{key}: {tuple(sd[key].shape)} != {tuple(s)}" for key, s in self._shapes.items() if sd[key].shape != s]
-            if bad:
-                raise ValueError(f"state dict {i}: wrong shapes {bad[:5]}")
-
-    @torch.no_grad()
-    def load_state_dicts(self, states: list) -> None:
-        "Load k ordinary state dicts (the inverse of state_dicts()); keys and shapes are checked first."
-        self.check_state_dicts(states)
-        bns = [(f"{n}.num_batches_tracked" if n else "num_batches_tracked", m) for n, m in self._leaves()
-               if isinstance(m, _PackedBatchNorm) and m.track_running_stats]
-        for key, m in bns:  # checked before anything is written
-            counts = [int(sd[key]) for sd in states]
-            if m.momentum is None and len(set(counts)) > 1:
-                raise ValueError(f"{key}: BatchNorm with momentum=None averages over num_batches_tracked, which "
-                                 f"differs between the state dicts ({counts}): they cannot share one layer")
-        for i, sd in enumerate(states):
-            for key, view in self._member_views(i).items():
-                view.copy_(sd[key])
-        for _, m in bns:
-            m.num_batches_tracked.copy_(m.member_batches_tracked.max())
-
-    def unpack(self) -> list:
-        "k new ordinary modules (copies of the original architecture) with the packed weights and buffers."
-        p = next(iter(self.parameters()), None)
-        out = []
-        for sd in self.state_dicts():
-            m = copy.deepcopy(self._template)
-            if p is not None:
-                m = m.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
-            m.load_state_dict(sd)
-            out.append(m.train(self.training))
-        return out
-
-    @torch.no_grad()
-    def copy_to(self, models: list) -> None:
-        "Write the packed weights and buffers into k existing modules in place (their parameters keep their identity)."
-        if not isinstance(models, (list, tuple)) or len(models) != self.k:
-            raise ValueError(f"copy_to needs a list of {self.k} modules, got {type(models).__name__}")
-        self.check_state_dicts([m.state_dict() for m in models])
-        for m, sd in zip(models, self.state_dicts()):
-            m.load_state_dict(sd)
-
     def extra_repr(self):
         return f"k={self.k}, shared_input={self.shared_input}"
+
+# %% ../chapters/a3d_packing.ipynb #5d50251f
+@patch
+def pack_input(self: Packed, x: torch.Tensor,  # (k, B, C, ...) one batch per member, or (B, C, ...) shared by all
+               shared: bool | None = None,  # x is one batch for all members; None: the model's shared_input
+              ) -> torch.Tensor:
+    "The members' inputs as one batch: (k, B, C, ...) -> (B, k*C, ...); shared: (B, C, ...) as is or repeated."
+    if self.shared_input if shared is None else shared:
+        if self.in_channels is not None and (x.dim() != 4 or x.shape[1] != self.in_channels):
+            raise ValueError(f"shared input: expected one batch (B, {self.in_channels}, H, W) for all "
+                             f"{self.k} members, got shape {tuple(x.shape)}")
+        if self.share_conv:
+            return x  # the first conv reads the single copy
+        b, c, *rest = x.shape
+        return x.unsqueeze(1).expand(b, self.k, c, *rest).reshape(b, self.k * c, *rest)
+    if x.dim() < 3 or x.shape[0] != self.k or (self.in_channels is not None and (x.dim() != 5 or x.shape[2] != self.in_channels)):
+        want = f"({self.k}, B, {self.in_channels}, H, W)" if self.in_channels is not None else f"({self.k}, B, ...)"
+        raise ValueError(f"expected one batch per member, shape {want}, got {tuple(x.shape)}")
+    k, b, c, *rest = x.shape
+    if x.dim() == 5 and x[0].is_contiguous(memory_format=torch.channels_last) and not x[0].is_contiguous():
+        # NHWC members -> one NHWC batch: channels of member i at [i*C, (i+1)*C) of each pixel
+        return x.permute(1, 3, 4, 0, 2).reshape(b, *rest, k * c).permute(0, 3, 1, 2)
+    return x.transpose(0, 1).reshape(b, k * c, *rest)
+
+
+@patch
+def forward(self: Packed, x: torch.Tensor,  # (k, B, C, H, W), or (B, C, H, W) with shared_input
+            shared: bool | None = None,  # override shared_input for this call (e.g. k students on one test batch)
+           ) -> torch.Tensor:
+    "The k members' outputs, (k, B, num_outputs)."
+    y = self.net(self.pack_input(x, shared))  # (B, k*O)
+    return y.reshape(y.shape[0], self.k, -1).transpose(0, 1)  # (k, B, O)
+
+# %% ../chapters/a3d_packing.ipynb #fa724003
+@patch
+def _leaves(self: Packed):
+    return [(n, m) for n, m in self.net.named_modules() if isinstance(m, PACKED_LEAVES)]
+
+
+@patch
+def _member_views(self: Packed, i: int) -> dict:
+    "Views into the packed tensors that hold member i's parameters and buffers, keyed as its state dict."
+    views = {}
+    for name, m in self._leaves():
+        views |= {(f"{name}.{key}" if name else key): t for key, t in m.member_state(i).items()}
+    return views
+
+
+@patch
+def state_dicts(self: Packed) -> list:
+    "k ordinary state dicts (copies), keys and order exactly those of the original models."
+    out = []
+    for i in range(self.k):
+        views = self._member_views(i)
+        out.append({key: views[key].detach().clone() for key in self._shapes})
+    return out
+
+# %% ../chapters/a3d_packing.ipynb #06e11ae5
+@patch
+def check_state_dicts(self: Packed, states: list) -> None:
+    "ValueError unless `states` are k state dicts with the members' keys and shapes."
+    if not isinstance(states, (list, tuple)) or len(states) != self.k:
+        raise ValueError(f"expected a list of {self.k} state dicts, got {type(states).__name__} of length "
+                         f"{len(states) if hasattr(states, '__len__') else '?'}")
+    for i, sd in enumerate(states):
+        missing, unexpected = set(self._shapes) - set(sd), set(sd) - set(self._shapes)
+        if missing or unexpected:
+            raise ValueError(f"state dict {i}: missing keys {sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}")
+        bad = [f"{key}: {tuple(sd[key].shape)} != {tuple(s)}" for key, s in self._shapes.items() if sd[key].shape != s]
+        if bad:
+            raise ValueError(f"state dict {i}: wrong shapes {bad[:5]}")
+
+
+@patch
+@torch.no_grad()
+def load_state_dicts(self: Packed, states: list) -> None:
+    "Load k ordinary state dicts (the inverse of state_dicts()); keys and shapes are checked first."
+    self.check_state_dicts(states)
+    bns = [(f"{n}.num_batches_tracked" if n else "num_batches_tracked", m) for n, m in self._leaves()
+           if isinstance(m, _PackedBatchNorm) and m.track_running_stats]
+    for key, m in bns:  # checked before anything is written
+        counts = [int(sd[key]) for sd in states]
+        if m.momentum is None and len(set(counts)) > 1:
+            raise ValueError(f"{key}: BatchNorm with momentum=None averages over num_batches_tracked, which "
+                             f"differs between the state dicts ({counts}): they cannot share one layer")
+    for i, sd in enumerate(states):
+        for key, view in self._member_views(i).items():
+            view.copy_(sd[key])
+    for _, m in bns:
+        m.num_batches_tracked.copy_(m.member_batches_tracked.max())
+
+# %% ../chapters/a3d_packing.ipynb #16eb62b6
+@patch
+def unpack(self: Packed) -> list:
+    "k new ordinary modules (copies of the original architecture) with the packed weights and buffers."
+    p = next(iter(self.parameters()), None)
+    out = []
+    for sd in self.state_dicts():
+        m = copy.deepcopy(self._template)
+        if p is not None:
+            m = m.to(device=p.device, dtype=p.dtype if p.is_floating_point() else None)
+        m.load_state_dict(sd)
+        out.append(m.train(self.training))
+    return out
+
+
+@patch
+@torch.no_grad()
+def copy_to(self: Packed, models: list) -> None:
+    "Write the packed weights and buffers into k existing modules in place (their parameters keep their identity)."
+    if not isinstance(models, (list, tuple)) or len(models) != self.k:
+        raise ValueError(f"copy_to needs a list of {self.k} modules, got {type(models).__name__}")
+    self.check_state_dicts([m.state_dict() for m in models])
+    for m, sd in zip(models, self.state_dicts()):
+        m.load_state_dict(sd)
 
 # %% ../chapters/a3d_packing.ipynb #1104dc75
 def pack(models: list,  # k >= 1 nn.Modules of one architecture (same class, same state_dict keys and shapes)
