@@ -69,8 +69,8 @@ class Net(Recipe):
         if self.arch == "preresnet":
             check_number("depth", self.depth, 8, integer=True, hint="a 'preresnet' needs depth = 6n+2 (< 44) or 9n+2 (>= 44)")
             self.build(0, 2)  # the model's own check of the depth
-        elif self.depth != 0:
-            raise ValueError(f"depth applies to arch 'preresnet' only; {self.arch!r} has a fixed depth")
+        else:
+            check_number("depth", self.depth, 0, 0, integer=True, hint=f"depth applies to arch 'preresnet' only; {self.arch!r} has a fixed depth")
         if not isinstance(self.batch_norm, bool) or (self.arch != "vgg16" and not self.batch_norm):
             raise ValueError(f"batch_norm=False applies to arch 'vgg16' only, got arch {self.arch!r}, "
                              f"batch_norm={self.batch_norm!r}")
@@ -127,12 +127,10 @@ FIG10_TAU = 1.0  # Figure 10 distils at τ = 1 (App. B.1)
 
 def _check_list(name, values, kind, low):
     values = list(values) if isinstance(values, (list, tuple, range)) else values
-    if not isinstance(values, list) or not values:
-        raise ValueError(f"{name} must be a non-empty list, got {values!r}")
-    for v in values:
+    for v in values if isinstance(values, list) else ():
         check_number(f"every entry of {name}", v, low, integer=kind is int, hint=f"{name} = {values}")
-    if len(set(values)) != len(values):
-        raise ValueError(f"{name} must not repeat, got {values}")
+    if not isinstance(values, list) or not values or len(set(values)) != len(values):
+        raise ValueError(f"{name} must be a non-empty list, and its values must not repeat; got {values!r}")
     return tuple(kind(v) for v in values)
 
 # %% ../../chapters/b1_ensemble_size.ipynb #430d726a
