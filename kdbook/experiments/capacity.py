@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from ..checks import check_choice, check_number
 from .ensembles import Net, b_setup, plan_group, plan_teachers
 from ..train import PROFILES
 from ..viz import mean_std
@@ -36,12 +37,9 @@ def enlarged(base: Recipe,  # a basic-block ResNet recipe (ResNet-20, or a "prer
              ) -> Net:
     "The student `base` made `factor` times deeper or wider, with the same schedule (Figure 12)."
     base = base if isinstance(base, Net) else Net(**base.to_dict())
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-        raise ValueError(f"factor must be an integer >= 1, got {factor!r}")
-    if how == "width":
+    check_number("factor", factor, 1, integer=True)
+    if check_choice("enlargement", how, ("depth", "width")) == "width":
         return replace(base, width=base.width * factor)
-    if how != "depth":
-        raise ValueError(f"unknown enlargement {how!r}: use 'depth' or 'width'")
     depth = base.depth if base.arch == "preresnet" else {"resnet20": 20}.get(base.arch)
     if depth is None or depth >= 44:
         raise ValueError(f"deepening works on basic-block ResNets (ResNet-20, 'preresnet' below depth 44), got {base.label}")
@@ -57,8 +55,7 @@ def c_setup(profile: str,  # "smoke", "quick" or "paper"
             **b_overrides,  # passed to b_setup (n_train, n_test, n_trials, ...)
             ) -> dict:
     "Appendix C's setting at `profile`: Appendix B's (`b`), the students and teachers of Figures 12-14, checked."
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}: valid profiles are {', '.join(PROFILES)}")
+    check_choice("profile", profile, PROFILES)
     if not isinstance(vgg_batch_norm, bool):
         raise ValueError(f"vgg_batch_norm must be True or False, got {vgg_batch_norm!r}")
     C = dict(C_SETUP[profile])

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checks import check_choice, check_number
 from ..data import ImageSet, load_dataset, stratified_subset
 from ..models import VGG16_CFG
 from .policies import summarize
@@ -35,8 +36,7 @@ def vgg16_scaled(num_classes: int = 100,  # output logits
                  width: int = 64,  # channels of the first block; 64 is VGG-16 (the others scale with it)
                  ) -> nn.Sequential:
     "kdbook.models.vgg16 with every layer's channels scaled by width / 64 (width 64: the same network, App. C.2)."
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ValueError(f"VGG width must be a positive integer (64 is the paper's VGG-16), got {width!r}")
+    check_number("VGG width", width, 1, integer=True, hint="64 is the paper's VGG-16")
     layers, c = [], 3
     for v in VGG16_CFG:
         if v == "M":
@@ -64,16 +64,13 @@ class Net(Recipe):
     batch_norm: bool = True  # "vgg16" only: BatchNorm after every conv (the authors' default is off: see App. C)
 
     def __post_init__(self):
-        if self.arch not in NET_ARCHS:
-            raise ValueError(f"unknown architecture {self.arch!r}: use one of {NET_ARCHS}")
-        if isinstance(self.width, bool) or not isinstance(self.width, int) or self.width < 1:
-            raise ValueError(f"Net.width must be a positive integer, got {self.width!r}")
+        check_choice("architecture", self.arch, NET_ARCHS)
+        check_number("Net.width", self.width, 1, integer=True)
         if self.arch == "preresnet":
-            if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 8:
-                raise ValueError(f"a 'preresnet' needs depth = 6n+2 (< 44) or 9n+2 (>= 44), got depth={self.depth!r}")
+            check_number("depth", self.depth, 8, integer=True, hint="a 'preresnet' needs depth = 6n+2 (< 44) or 9n+2 (>= 44)")
             self.build(0, 2)  # the model's own check of the depth
-        elif self.depth != 0:
-            raise ValueError(f"depth applies to arch 'preresnet' only; {self.arch!r} has a fixed depth")
+        else:
+            check_number("depth", self.depth, 0, 0, integer=True, hint=f"depth applies to arch 'preresnet' only; {self.arch!r} has a fixed depth")
         if not isinstance(self.batch_norm, bool) or (self.arch != "vgg16" and not self.batch_norm):
             raise ValueError(f"batch_norm=False applies to arch 'vgg16' only, got arch {self.arch!r}, "
                              f"batch_norm={self.batch_norm!r}")
@@ -130,14 +127,10 @@ FIG10_TAU = 1.0  # Figure 10 distils at τ = 1 (App. B.1)
 
 def _check_list(name, values, kind, low):
     values = list(values) if isinstance(values, (list, tuple, range)) else values
-    if not isinstance(values, list) or not values:
-        raise ValueError(f"{name} must be a non-empty list, got {values!r}")
-    for v in values:
-        ok = isinstance(v, int) if kind is int else isinstance(v, (int, float))
-        if isinstance(v, bool) or not ok or not v >= low:
-            raise ValueError(f"{name} must hold {'integers' if kind is int else 'numbers'} >= {low}, got {v!r} in {values}")
-    if len(set(values)) != len(values):
-        raise ValueError(f"{name} must not repeat, got {values}")
+    for v in values if isinstance(values, list) else ():
+        check_number(f"every entry of {name}", v, low, integer=kind is int, hint=f"{name} = {values}")
+    if not isinstance(values, list) or not values or len(set(values)) != len(values):
+        raise ValueError(f"{name} must be a non-empty list, and its values must not repeat; got {values!r}")
     return tuple(kind(v) for v in values)
 
 # %% ../../chapters/b1_ensemble_size.ipynb #430d726a
@@ -145,17 +138,14 @@ def b_setup(profile: str,  # "smoke", "quick" or "paper"
             **overrides,  # any key of B_SETUP[profile]; None keeps the profile's value
             ) -> dict:
     "The setting of Appendix B at `profile` (B_SETUP), with the chapter's non-None parameters applied and checked."
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}: valid profiles are {', '.join(PROFILES)}")
-    S = dict(B_SETUP[profile])
+    S = dict(B_SETUP[check_choice("profile", profile, PROFILES)])
     unknown = sorted(set(overrides) - set(S))
     if unknown:
         raise ValueError(f"unknown setting {unknown[0]!r} of Appendix B: valid ones are {', '.join(S)}")
     S.update({k: v for k, v in overrides.items() if v is not None})
     for k in ("n_train", "n_test", "n_trials"):
-        if isinstance(S[k], bool) or not isinstance(S[k], int) or S[k] < (2 if k == "n_trials" else 1):
-            raise ValueError(f"{k} must be an integer >= {2 if k == 'n_trials' else 1}, got {S[k]!r}"
-                             + (" (standard deviations need two trials)" if k == "n_trials" else ""))
+        check_number(k, S[k], 2 if k == "n_trials" else 1, integer=True,
+                     hint="standard deviations need two trials" if k == "n_trials" else "")
     S["taus"] = _check_list("taus", S["taus"], float, 1e-3)
     S["fig9_sizes"] = _check_list("fig9_sizes", S["fig9_sizes"], int, 1)
     S["fig10_sizes"] = _check_list("fig10_sizes", S["fig10_sizes"], int, 1)

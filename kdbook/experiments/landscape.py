@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..checks import check_number
 from ..losses import kd_loss
 
 # %% ../../chapters/62_optimization.ipynb #1addc0a6
@@ -118,19 +119,16 @@ def gpu_plan(profile: str,  # the profile to plan
 
 # %% ../../chapters/62_optimization.ipynb #af1ad9ed
 def _check_lam(lam):
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or math.isnan(lam) or not 0.0 <= lam <= 1.0:
-        raise ValueError(f"lam must be a number in [0, 1] (0 = random weights, 1 = teacher weights); got {lam!r}")
+    return check_number("lam", lam, 0.0, 1.0, hint="0 = random weights, 1 = teacher weights")
 
 # %% ../../chapters/62_optimization.ipynb #47c6db26
 def _check_same_layout(a: dict, b: dict, name_a: str, name_b: str):
-    if set(a) != set(b):
-        only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-        raise ValueError(f"{name_a} and {name_b} have different keys (only in {name_a}: {only_a[:5]}, "
-                         f"only in {name_b}: {only_b[:5]}); build both from the same architecture")
-    for k in a:
-        if a[k].shape != b[k].shape:
-            raise ValueError(f"shape mismatch for {k!r}: {tuple(a[k].shape)} in {name_a} vs {tuple(b[k].shape)} "
-                             f"in {name_b}; build both from the same architecture")
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    bad = [k for k in a if k in b and a[k].shape != b[k].shape]
+    if only_a or only_b or bad:
+        what = (f"different keys (only in {name_a}: {only_a[:5]}, only in {name_b}: {only_b[:5]})" if only_a or only_b
+                else f"a shape mismatch for {bad[0]!r}: {tuple(a[bad[0]].shape)} in {name_a} vs {tuple(b[bad[0]].shape)} in {name_b}")
+        raise ValueError(f"{name_a} and {name_b} have {what}; build both from the same architecture")
 
 # %% ../../chapters/62_optimization.ipynb #09769437
 def interpolate_state(teacher_state: dict,  # state_dict of the trained teacher, θ_t
@@ -332,7 +330,7 @@ def augmented_agreement(student: nn.Module,  # the distilled network
     "Train agreement (§6.1, Eq. 2) and the distillation loss τ²·CE (Fig. 6b) over one pass of seeded augmented batches."
     if not isinstance(data, ImageSet) or len(data) == 0:
         raise ValueError("data must be a non-empty kdbook.data.ImageSet of the distillation images")
-    if batch_size < 1: raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    check_number("batch_size", batch_size, 1, integer=True)
     if policy in ("ood", "synthetic"):
         raise ValueError(f"policy {policy!r} adds images to the batch; measure agreement with a policy that keeps them")
     device = torch.device(device) if device is not None else next(student.parameters()).device
@@ -345,8 +343,6 @@ def augmented_agreement(student: nn.Module,  # the distilled network
         for start in range(0, len(data), batch_size):
             idx = order[start:start + batch_size]
             x = augment(to_float(data.images[idx].to(device)), policy, gen)
-            if x.shape[0] != len(idx):
-                raise ValueError(f"policy {policy!r} adds images to the batch; measure agreement with a policy that keeps them")
             z_t, z_s = teacher(x).double(), student(x).double()
             agree += int((z_t.argmax(1) == z_s.argmax(1)).sum())
             loss += float(kd_loss(z_s, z_t, tau=tau, alpha=0.0)) * len(idx)
