@@ -13,6 +13,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from .checks import check_number
+
 # %% ../chapters/10_preliminaries.ipynb #9c560b18
 def check_tau(tau) -> float:
     "tau as a float, or a ValueError saying why it is not a valid temperature (a finite number > 0)."
@@ -29,11 +31,7 @@ def check_tau(tau) -> float:
 # %% ../chapters/10_preliminaries.ipynb #d0546a19
 def check_alpha(alpha) -> float:
     "alpha as a float, or a ValueError unless it is a number in [0, 1] (the weight of the NLL term of Eq. 1)."
-    if isinstance(alpha, torch.Tensor) and alpha.numel() == 1:
-        alpha = alpha.item()
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
-        raise ValueError(f"alpha must be a number in [0, 1] (the weight of the NLL term), got {alpha!r}")
-    return float(alpha)
+    return check_number("alpha", alpha, low=0, high=1, hint="it weights the NLL term of Eq. 1")
 
 # %% ../chapters/10_preliminaries.ipynb #eff6c7e6
 def check_logits(z, name: str = "logits"):

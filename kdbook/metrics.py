@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .checks import check_number
 from .losses import check_labels, check_logits, check_logits_pair
 
 # %% ../chapters/11_metrics.ipynb #6b479b28
@@ -54,8 +55,7 @@ def ece(logits: torch.Tensor,  # (n, c) logits
        ) -> float:
     "Expected calibration error with `n_bins` equal-width bins on the max probability (§3.2, Guo et al. 2017)."
     _check_labels(logits, labels)
-    if not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f"n_bins must be a positive int, got {n_bins!r}")
+    n_bins = check_number("n_bins", n_bins, low=1, integer=True)
     probs = F.softmax(logits.double(), dim=1)
     confidence, prediction = probs.max(dim=1)
     correct = (prediction == labels.to(logits.device)).double()
@@ -138,7 +138,6 @@ def cka_rbf(x: torch.Tensor,  # (n, ...) activations of n examples in the first 
             sigma_frac: float = 0.5,  # RBF bandwidth as a fraction of the median pairwise distance
            ) -> float:
     "RBF-kernel CKA (Kornblith et al. 2019), bandwidth sigma_frac x median distance, Gram matrices over examples."
-    if not (isinstance(sigma_frac, (int, float)) and math.isfinite(sigma_frac) and sigma_frac > 0):
-        raise ValueError(f"sigma_frac must be a positive finite number, got {sigma_frac!r}")
+    sigma_frac = check_number("sigma_frac", sigma_frac, low=0, low_open=True)
     x, y = _centred_gram_pair(x, y)
     return _cka_from_grams(_rbf_gram(x, sigma_frac), _rbf_gram(y, sigma_frac))

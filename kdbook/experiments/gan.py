@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
+from ..checks import check_number
 from ..data import to_float
 from ..store import Store, atomic_write_bytes
 
@@ -363,8 +364,7 @@ def generate_images(G: Generator,  # a trained generator
                     device=None,  # where to run G; default: G's device
                     ) -> torch.Tensor:
     "n images from G in eval mode (BatchNorm running statistics), as uint8 (n, 3, 32, 32) on the CPU; nested: the first k of n are the k-image set."
-    if not isinstance(n, int) or n <= 0:
-        raise ValueError(f"n must be a positive number of images, got {n!r}")
+    n = check_number("n", n, low=1, integer=True, hint="a positive number of images")
     device = torch.device(device) if device is not None else next(G.parameters()).device
     was, cudnn = G.training, (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic)
     G.to(device).eval()
