@@ -34,6 +34,7 @@ def toc_notebooks() -> list[str]:
 SHARED_FIXTURE_GROUPS = {"built_book": "book", "served_book": "book", "tiny_reference": "tiny-reference"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the xdist_group marks into node ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
         groups = {SHARED_FIXTURE_GROUPS[f] for f in getattr(item, "fixturenames", ()) if f in SHARED_FIXTURE_GROUPS}
