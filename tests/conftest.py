@@ -2,7 +2,7 @@
 browser tests; a local HTTP server over the built HTML; one uninterrupted run of the queue's tiny chapter,
 the reference of the queue and lease tests.
 
-Under pytest-xdist (`make test` runs `-n auto --dist loadgroup`), the tests that share one of these session
+Under pytest-xdist (`-n auto --dist loadgroup`; `make test` does not use it yet: both workers still built the book), the tests that share one of these session
 fixtures are kept on one worker (an xdist group per fixture), so each fixture is still computed once while the
 other tests run beside them."""
 from __future__ import annotations
