@@ -37,15 +37,16 @@ def check_number(name: str,  # the argument's name, as the caller wrote it
     "`value` as a float (an int when `integer`), or a ValueError naming `name`, the range and what was passed."
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
-    kind = "an integer" if integer else "a real number"
-    want = f"{name} must be {kind} {_bounds(low, high, low_open, high_open)}".rstrip()
+    bounds = _bounds(low, high, low_open, high_open)
     tail = f"; {hint}" if hint else ""
-    ok_type = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, ok_type):
-        raise ValueError(f"{want}, got {value!r} ({type(value).__name__}){tail}")
-    if not math.isfinite(value) or (low is not None and (value < low or (low_open and value == low))) \
+    kind = "an integer" if integer else "a real number"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+        raise ValueError(f"{name} must be {kind} {bounds}".rstrip() + f", got {value!r} ({type(value).__name__}){tail}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}{tail}")
+    if (low is not None and (value < low or (low_open and value == low))) \
             or (high is not None and (value > high or (high_open and value == high))):
-        raise ValueError(f"{want}, got {value}{tail}")
+        raise ValueError(f"{name} must be {'an integer ' if integer else ''}{bounds}, got {value}{tail}")
     return int(value) if integer else float(value)
 
 # %% ../chapters/a5_checks.ipynb #6dc023bb

@@ -8,7 +8,6 @@ __all__ = ['check_tau', 'check_alpha', 'check_logits', 'check_logits_pair', 'che
 
 # %% ../chapters/10_preliminaries.ipynb #e32f0052
 import math
-import numbers
 
 import torch
 import torch.nn.functional as F
@@ -18,15 +17,8 @@ from .checks import check_number
 # %% ../chapters/10_preliminaries.ipynb #9c560b18
 def check_tau(tau) -> float:
     "tau as a float, or a ValueError saying why it is not a valid temperature (a finite number > 0)."
-    if isinstance(tau, torch.Tensor) and tau.numel() == 1:
-        tau = tau.item()
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real):
-        raise ValueError(f"tau must be a real number > 0, got {tau!r} ({type(tau).__name__})")
-    if not math.isfinite(tau):
-        raise ValueError(f"tau must be finite, got {tau}; for the tau -> infinity limit use kd_grad_limit")
-    if tau <= 0:
-        raise ValueError(f"tau must be > 0 (it divides the logits), got {tau}")
-    return float(tau)
+    return check_number("tau", tau, low=0, low_open=True,
+                        hint="a temperature divides the logits; for the tau -> infinity limit use kd_grad_limit")
 
 # %% ../chapters/10_preliminaries.ipynb #d0546a19
 def check_alpha(alpha) -> float:
