@@ -36,7 +36,7 @@ test: $(TEST_STAMP)
 nbdev-test-only:
 	$(BIN)/nbdev-test
 pytest-only:
-	rc=0; $(BIN)/python -m pytest tests/ -v --durations=40 || rc=$$?; \
+	rc=0; $(BIN)/python -m pytest tests/ -v --durations=40 -n auto --dist loadgroup || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 5; fi; exit $$rc
 
 setup: $(BOOK_STAMP)

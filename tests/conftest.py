@@ -2,9 +2,10 @@
 browser tests; a local HTTP server over the built HTML; one uninterrupted run of the queue's tiny chapter,
 the reference of the queue and lease tests.
 
-Under pytest-xdist (`-n auto --dist loadgroup`; `make test` does not use it yet: both workers still built the book), the tests that share one of these session
-fixtures are kept on one worker (an xdist group per fixture), so each fixture is still computed once while the
-other tests run beside them."""
+`make test` runs pytest on every core (pytest-xdist, `-n auto --dist loadgroup`). The tests that share one of
+these session fixtures live in the modules of one group (SHARED_FIXTURE_GROUPS), and the scheduler below sends a
+whole group to one worker, so each fixture is still computed once while the other tests run beside it. A test
+that uses a shared fixture from a module outside its group fails at setup, before a second book build."""
 from __future__ import annotations
 
 import functools
@@ -30,16 +31,42 @@ def toc_notebooks() -> list[str]:
     return toc_files(yaml.safe_load((REPO / "_toc.yml").read_text()))
 
 
-# Session fixtures worth computing once: a test using one of them joins that fixture's xdist group.
-SHARED_FIXTURE_GROUPS = {"built_book": "book", "served_book": "book", "tiny_reference": "tiny-reference"}
+# Session fixtures worth computing once, and the test modules allowed to use them (one group, one worker).
+SHARED_FIXTURE_GROUPS = {
+    "book": ({"built_book", "served_book"}, {"test_build.py", "test_browser.py", "test_static_html.py"}),
+    "tiny-reference": ({"tiny_reference"}, {"test_queue.py", "test_lease.py"}),
+}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the xdist_group marks into node ids
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        groups = {SHARED_FIXTURE_GROUPS[f] for f in getattr(item, "fixturenames", ()) if f in SHARED_FIXTURE_GROUPS}
-        if groups:
-            item.add_marker(pytest.mark.xdist_group(sorted(groups)[0]))
+def shared_group(nodeid: str) -> str | None:
+    """The group whose modules hold this test (None: a test any worker may run on its own)."""
+    module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+    return next((g for g, (_, modules) in SHARED_FIXTURE_GROUPS.items() if module in modules), None)
+
+
+def pytest_runtest_setup(item):
+    for group, (fixtures, modules) in SHARED_FIXTURE_GROUPS.items():
+        used = fixtures & set(getattr(item, "fixturenames", ()))
+        if used and shared_group(item.nodeid) != group:
+            pytest.fail(f"{item.nodeid} uses {', '.join(sorted(used))}, but its module is not in the {group!r} group "
+                        f"({', '.join(sorted(modules))}): under xdist it would compute that fixture a second time. "
+                        "Move the test into one of those modules or add its module to SHARED_FIXTURE_GROUPS in "
+                        "tests/conftest.py", pytrace=False)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under `--dist loadgroup`: xdist's scope scheduler, with a scope per shared-fixture group and one per
+    other test (xdist's own xdist_group marks no longer reach the scheduler under pytest 9.2)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedFixtureScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return shared_group(nodeid) or nodeid
+
+    return SharedFixtureScheduling(config, log)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -10,6 +11,11 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, toc_notebooks
+from test_queue import without_times
+
+sys.path.insert(0, str(REPO / "tools"))
+import owed as owed_tool  # noqa: E402
+from build_book import THREAD_VARS  # noqa: E402
 
 pytestmark = pytest.mark.build
 CDN = re.compile(r"cdn\.jsdelivr\.net|cdnjs\.cloudflare\.com|unpkg\.com|googleapis\.com|gstatic\.com|"
@@ -253,3 +259,27 @@ def test_a_failed_build_does_not_leave_old_html_looking_current(tmp_path):
     assert proc.returncode == 1
     assert not old.exists(), "the previous HTML is still where the book is served from"
     assert (root / "_build" / "html.stale" / "STALE.txt").exists() and "html.stale" in proc.stderr
+
+
+def test_a_real_chapter_without_its_tests_stores_the_same_records(built_book, tmp_path):
+    "10_preliminaries at smoke, only the cells a slice executes, gives the records of the full book build's run."
+    stem = "10_preliminaries"
+    plan = owed_tool.read_plan(REPO)
+    names = plan["chapters"][stem]["stores"]
+    full = {p.relative_to(built_book.results).as_posix(): json.loads(p.read_text())
+            for n in names for p in sorted((built_book.results / n).glob("*.json"))}
+    assert full, f"the smoke build stored no record of {names}"
+    kept, dropped = owed_tool.strip_tests(REPO / "chapters" / f"{stem}.ipynb", tmp_path / f"{stem}.ipynb")
+    assert dropped > 0, "nothing was left out: the comparison would prove nothing"
+    results = tmp_path / "results"
+    res = subprocess.run([sys.executable, "-m", "papermill", str(tmp_path / f"{stem}.ipynb"), str(tmp_path / "out.ipynb"),
+                          "-k", "kdbook", "--cwd", str(REPO / "chapters"), "-p", "profile", "smoke",
+                          "-p", "results_dir", str(results)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, **{v: "1" for v in THREAD_VARS},  # as the build (its --threads 1)
+                              "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
+    assert res.returncode == 0, res.stderr[-3000:]
+    mine = {p.relative_to(results).as_posix(): json.loads(p.read_text())
+            for n in names for p in sorted((results / n).glob("*.json"))}
+    assert sorted(mine) == sorted(full)
+    for rel in full:
+        assert without_times(mine[rel]) == without_times(full[rel]), f"{rel} differs from the full run's"

@@ -25,7 +25,6 @@ from test_queue import REPO, STEM, make_clone, owed, records, tree, without_time
 sys.path.insert(0, str(REPO / "tools"))
 import lease as lease_tool  # noqa: E402
 import owed as owed_tool  # noqa: E402
-from build_book import THREAD_VARS  # noqa: E402
 from kdbook.engine import save_train_state as save_checkpoint  # noqa: E402
 from kdbook.store import Store, record_checksum  # noqa: E402
 
@@ -397,31 +396,6 @@ def test_an_import_on_a_full_disk_writes_nothing(tmp_path, monkeypatch):
     with pytest.raises(owed_tool.OwedError, match="nothing was imported"):
         owed_tool.import_archive(dest, arc)
     assert tree(dest) == before and not list(dest.rglob("*.import.tmp"))
-
-
-@pytest.mark.build
-def test_a_real_chapter_without_its_tests_stores_the_same_records(built_book, tmp_path):
-    "10_preliminaries at smoke, only the cells a slice executes, gives the records of the full book build's run."
-    stem = "10_preliminaries"
-    plan = owed_tool.read_plan(REPO)
-    names = plan["chapters"][stem]["stores"]
-    full = {p.relative_to(built_book.results).as_posix(): json.loads(p.read_text())
-            for n in names for p in sorted((built_book.results / n).glob("*.json"))}
-    assert full, f"the smoke build stored no record of {names}"
-    kept, dropped = owed_tool.strip_tests(REPO / "chapters" / f"{stem}.ipynb", tmp_path / f"{stem}.ipynb")
-    assert dropped > 0, "nothing was left out: the comparison would prove nothing"
-    results = tmp_path / "results"
-    res = subprocess.run([sys.executable, "-m", "papermill", str(tmp_path / f"{stem}.ipynb"), str(tmp_path / "out.ipynb"),
-                          "-k", "kdbook", "--cwd", str(REPO / "chapters"), "-p", "profile", "smoke",
-                          "-p", "results_dir", str(results)], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, **{v: "1" for v in THREAD_VARS},  # as the build (its --threads 1)
-                              "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])})
-    assert res.returncode == 0, res.stderr[-3000:]
-    mine = {p.relative_to(results).as_posix(): json.loads(p.read_text())
-            for n in names for p in sorted((results / n).glob("*.json"))}
-    assert sorted(mine) == sorted(full)
-    for rel in full:
-        assert without_times(mine[rel]) == without_times(full[rel]), f"{rel} differs from the full run's"
 
 
 def test_the_queue_checks_the_disk_before_running(tmp_path, monkeypatch):
