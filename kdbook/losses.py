@@ -57,6 +57,28 @@ def check_labels(labels, logits: torch.Tensor, values: bool = True):
         if lo < 0 or hi >= c:
             raise ValueError(f"labels run from {lo} to {hi}, outside the {c} classes of the logits (0..{c - 1})")
 
+# %% ../chapters/10_preliminaries.ipynb #84f3158a
+def _kd_inputs(student_logits, teacher_logits, labels, tau, alpha) -> tuple[float, float]:
+    "`kd_loss`'s arguments checked at the door: (tau, alpha) as floats, or a ValueError naming the bad one."
+    tau, alpha = check_tau(tau), check_alpha(alpha)
+    check_logits_pair(student_logits, teacher_logits)
+    if alpha > 0:
+        if labels is None:
+            raise ValueError(f"alpha={alpha} > 0 weights the NLL term, which needs labels; pass labels=... or use alpha=0")
+        check_labels(labels, student_logits, values=student_logits.device.type == "cpu")
+    return tau, alpha
+
+# %% ../chapters/10_preliminaries.ipynb #91cb2eeb
+def _finite_loss(loss: torch.Tensor, student_logits, teacher_logits, tau: float) -> torch.Tensor:
+    """`loss`, or (on CPU tensors) a ValueError when it is not finite, saying whether tau or the logits are to blame.
+    On a GPU the check would stall every step; there the training loop's own non-finite check catches it."""
+    if student_logits.device.type != "cpu" or torch.isfinite(loss):
+        return loss
+    inputs_finite = bool(torch.isfinite(student_logits).all() and torch.isfinite(teacher_logits).all())
+    raise ValueError(f"kd_loss is {loss.item()} at tau={tau}: " + (
+        f"tau is too extreme for {student_logits.dtype} logits (logits/tau or tau^2 overflows); use a tau "
+        "nearer the paper's 1..20" if inputs_finite else "the logits hold NaN or inf (a diverged model?)"))
+
 # %% ../chapters/10_preliminaries.ipynb #3864a0b2
 def kd_loss(student_logits: torch.Tensor,  # (batch, c) student logits z_s
             teacher_logits: torch.Tensor,  # (batch, c) teacher logits z_t (detach them unless you want their gradient)
@@ -68,14 +90,7 @@ def kd_loss(student_logits: torch.Tensor,  # (batch, c) student logits z_s
     batch mean. On CPU tensors the labels' range and the result's finiteness are checked too (a tau so extreme
     that the loss is not finite is an error naming tau); on a GPU those two checks would stall every training
     step, so there the training loop's own non-finite check catches them."""
-    tau = check_tau(tau)
-    alpha = check_alpha(alpha)
-    check_logits_pair(student_logits, teacher_logits)
-    on_cpu = student_logits.device.type == "cpu"
-    if alpha > 0:
-        if labels is None:
-            raise ValueError(f"alpha={alpha} > 0 weights the NLL term, which needs labels; pass labels=... or use alpha=0")
-        check_labels(labels, student_logits, values=on_cpu)
+    tau, alpha = _kd_inputs(student_logits, teacher_logits, labels, tau, alpha)
     loss = 0.0
     if alpha < 1:
         log_q = F.log_softmax(student_logits / tau, dim=1)
@@ -83,17 +98,11 @@ def kd_loss(student_logits: torch.Tensor,  # (batch, c) student logits z_s
         loss = (1 - alpha) * tau ** 2 * -(p * log_q).sum(dim=1).mean()
     if alpha > 0:
         loss = loss + alpha * F.cross_entropy(student_logits, labels)
-    if on_cpu and not torch.isfinite(loss):
-        inputs_finite = bool(torch.isfinite(student_logits).all() and torch.isfinite(teacher_logits).all())
-        raise ValueError(f"kd_loss is {loss.item()} at tau={tau}: " + (
-            f"tau is too extreme for {student_logits.dtype} logits (logits/tau or tau^2 overflows); use a tau "
-            "nearer the paper's 1..20" if inputs_finite else "the logits hold NaN or inf (a diverged model?)"))
-    return loss
+    return _finite_loss(loss, student_logits, teacher_logits, tau)
 
-# %% ../chapters/10_preliminaries.ipynb #c3d291d7
-def ensemble_logits(member_logits,  # (m, batch, c) tensor, or a list of m (batch, c) tensors
-                   ) -> torch.Tensor:
-    "Teacher logits of an m-member ensemble, log(mean_i softmax(z_i)) (§3), numerically stable."
+# %% ../chapters/10_preliminaries.ipynb #e22cdf8d
+def _stacked_members(member_logits) -> torch.Tensor:
+    "`member_logits` as one (m, batch, c) tensor (a list of m (batch, c) tensors is stacked), or a ValueError."
     if isinstance(member_logits, (list, tuple)):
         if len(member_logits) == 0:
             raise ValueError("member_logits is empty: an ensemble needs at least one member")
@@ -104,8 +113,14 @@ def ensemble_logits(member_logits,  # (m, batch, c) tensor, or a list of m (batc
     if not isinstance(member_logits, torch.Tensor) or member_logits.ndim != 3 or member_logits.shape[0] == 0:
         raise ValueError(f"member_logits must have shape (m, batch, n_classes) with m >= 1, "
                          f"got {getattr(member_logits, 'shape', type(member_logits).__name__)}")
-    m = member_logits.shape[0]
-    return torch.logsumexp(F.log_softmax(member_logits, dim=2), dim=0) - math.log(m)
+    return member_logits
+
+# %% ../chapters/10_preliminaries.ipynb #c3d291d7
+def ensemble_logits(member_logits,  # (m, batch, c) tensor, or a list of m (batch, c) tensors
+                   ) -> torch.Tensor:
+    "Teacher logits of an m-member ensemble, log(mean_i softmax(z_i)) (§3), numerically stable."
+    z = _stacked_members(member_logits)
+    return torch.logsumexp(F.log_softmax(z, dim=2), dim=0) - math.log(z.shape[0])
 
 # %% ../chapters/10_preliminaries.ipynb #d2d4e4df
 def kd_grad(student_logits: torch.Tensor,  # (batch, c) student logits z_s
