@@ -43,7 +43,7 @@ def check_number(name: str,  # the argument's name, as the caller wrote it
     if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
         raise ValueError(f"{name} must be {kind} {bounds}".rstrip() + f", got {value!r} ({type(value).__name__}){tail}")
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}{tail}")
+        raise ValueError(f"{name} must be a finite number {bounds}".rstrip() + f", got {value}{tail}")
     if (low is not None and (value < low or (low_open and value == low))) \
             or (high is not None and (value > high or (high_open and value == high))):
         raise ValueError(f"{name} must be {'an integer ' if integer else ''}{bounds}, got {value}{tail}")

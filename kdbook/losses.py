@@ -57,7 +57,7 @@ def check_labels(labels, logits: torch.Tensor, values: bool = True):
         if lo < 0 or hi >= c:
             raise ValueError(f"labels run from {lo} to {hi}, outside the {c} classes of the logits (0..{c - 1})")
 
-# %% ../chapters/10_preliminaries.ipynb #84f3158a
+# %% ../chapters/10_preliminaries.ipynb #68d99d0c
 def _kd_inputs(student_logits, teacher_logits, labels, tau, alpha) -> tuple[float, float]:
     "`kd_loss`'s arguments checked at the door: (tau, alpha) as floats, or a ValueError naming the bad one."
     tau, alpha = check_tau(tau), check_alpha(alpha)
@@ -68,7 +68,7 @@ def _kd_inputs(student_logits, teacher_logits, labels, tau, alpha) -> tuple[floa
         check_labels(labels, student_logits, values=student_logits.device.type == "cpu")
     return tau, alpha
 
-# %% ../chapters/10_preliminaries.ipynb #91cb2eeb
+# %% ../chapters/10_preliminaries.ipynb #9a2f149c
 def _finite_loss(loss: torch.Tensor, student_logits, teacher_logits, tau: float) -> torch.Tensor:
     """`loss`, or (on CPU tensors) a ValueError when it is not finite, saying whether tau or the logits are to blame.
     On a GPU the check would stall every step; there the training loop's own non-finite check catches it."""
@@ -100,7 +100,7 @@ def kd_loss(student_logits: torch.Tensor,  # (batch, c) student logits z_s
         loss = loss + alpha * F.cross_entropy(student_logits, labels)
     return _finite_loss(loss, student_logits, teacher_logits, tau)
 
-# %% ../chapters/10_preliminaries.ipynb #e22cdf8d
+# %% ../chapters/10_preliminaries.ipynb #1d83c824
 def _stacked_members(member_logits) -> torch.Tensor:
     "`member_logits` as one (m, batch, c) tensor (a list of m (batch, c) tensors is stacked), or a ValueError."
     if isinstance(member_logits, (list, tuple)):
