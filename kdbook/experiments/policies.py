@@ -58,7 +58,7 @@ PROFILE_SIZES = {
 }
 SHARED_BASELINE_SIZES = (1, 3)  # Baseline (τ = 4) students at these m are §4.2's +0 students (kdbook.experiments.zoo.baseline_students)
 
-
+# %% ../../chapters/51_augmentation.ipynb #c51c4e01
 def check_policies(names,  # run names, keys of POLICY_RUNS
                    ) -> list:
     "The names as a list, in the given order; a clear ValueError for an empty list, a duplicate or an unknown name."
