@@ -28,7 +28,7 @@ PROFILE_SIZES = {
                   pack_students=False),
 }
 
-
+# %% ../../chapters/52_recycling.ipynb #b52f1a2e
 def profile_params(profile: str,  # "smoke", "quick" or "paper"
                    **given,  # the chapter's parameters; None means "the profile's value"
                    ) -> dict:
