@@ -105,8 +105,8 @@ def _cka_from_grams(k: torch.Tensor, l: torch.Tensor) -> float:
     kc, lc = _centre(k), _centre(l)
     hsic_kl, hsic_kk, hsic_ll = (kc * lc).sum(), (kc * kc).sum(), (lc * lc).sum()
     if not (hsic_kk > 0 and hsic_ll > 0):  # 0, or NaN from an RBF bandwidth of 0
-        raise ValueError("CKA is undefined: x or y has identical activations across (most) examples, "
-                         "so a centred Gram matrix is constant")
+        raise ValueError("CKA is undefined: x or y has identical activations across (most) examples "
+                         "(a constant representation, or an RBF bandwidth of 0)")
     return (hsic_kl / torch.sqrt(hsic_kk * hsic_ll)).item()
 
 # %% ../chapters/11_metrics.ipynb #12eabece
