@@ -56,15 +56,12 @@ def ece(logits: torch.Tensor,  # (n, c) logits
     "Expected calibration error with `n_bins` equal-width bins on the max probability (§3.2, Guo et al. 2017)."
     _check_labels(logits, labels)
     n_bins = check_number("n_bins", n_bins, low=1, integer=True)
-    probs = F.softmax(logits.double(), dim=1)
-    confidence, prediction = probs.max(dim=1)
+    confidence, prediction = F.softmax(logits.double(), dim=1).max(dim=1)
     correct = (prediction == labels.to(logits.device)).double()
-    # bin b holds confidences in ((b-1)/B, b/B]
-    bins = (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)
-    count = torch.zeros(n_bins, dtype=torch.float64, device=logits.device).index_add_(0, bins, torch.ones_like(confidence))
-    conf_sum = torch.zeros_like(count).index_add_(0, bins, confidence)
-    acc_sum = torch.zeros_like(count).index_add_(0, bins, correct)
-    return ((acc_sum - conf_sum).abs().sum() / confidence.numel()).item()
+    bins = (torch.ceil(confidence * n_bins).long() - 1).clamp(0, n_bins - 1)  # bin b holds confidences in ((b-1)/B, b/B]
+    # per bin: (number right) - (sum of confidences) = n_b (accuracy_b - confidence_b)
+    gap = torch.zeros(n_bins, dtype=torch.float64, device=logits.device).index_add_(0, bins, correct - confidence)
+    return (gap.abs().sum() / confidence.numel()).item()
 
 # %% ../chapters/11_metrics.ipynb #32f1167b
 def top1_agreement(teacher_logits: torch.Tensor,  # (n, c) teacher logits z_t
@@ -88,8 +85,7 @@ def predictive_kl(teacher_logits: torch.Tensor,  # (n, c) teacher logits z_t
 def _activations(x: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.ndim < 2:
         raise ValueError(f"{name} must be a tensor of activations (n_examples, ...), got {getattr(x, 'shape', type(x).__name__)}")
-    if x.shape[0] < 2:
-        raise ValueError(f"{name} needs at least 2 examples for CKA, got {x.shape[0]}")
+    check_number(f"n_examples of {name}", x.shape[0], low=2, integer=True, hint="CKA compares examples pairwise")
     return x.reshape(x.shape[0], -1).double()
 
 # %% ../chapters/11_metrics.ipynb #e5047848
@@ -108,8 +104,9 @@ def _centre(k: torch.Tensor) -> torch.Tensor:
 def _cka_from_grams(k: torch.Tensor, l: torch.Tensor) -> float:
     kc, lc = _centre(k), _centre(l)
     hsic_kl, hsic_kk, hsic_ll = (kc * lc).sum(), (kc * kc).sum(), (lc * lc).sum()
-    if hsic_kk <= 0 or hsic_ll <= 0:
-        raise ValueError("CKA is undefined: one of the activation matrices is constant across examples")
+    if not (hsic_kk > 0 and hsic_ll > 0):  # 0, or NaN from an RBF bandwidth of 0
+        raise ValueError("CKA is undefined: x or y has identical activations across (most) examples "
+                         "(a constant representation, or an RBF bandwidth of 0)")
     return (hsic_kl / torch.sqrt(hsic_kk * hsic_ll)).item()
 
 # %% ../chapters/11_metrics.ipynb #12eabece
@@ -122,15 +119,13 @@ def cka_linear(x: torch.Tensor,  # (n, ...) activations of n examples in the fir
 
 # %% ../chapters/11_metrics.ipynb #932a7baa
 def _rbf_gram(x: torch.Tensor, sigma_frac: float) -> torch.Tensor:
+    "Trusts its caller: a median distance of 0 gives NaN entries, which `_cka_from_grams` refuses."
     sq_norms = (x * x).sum(dim=1)
     sq_dist = (sq_norms[:, None] + sq_norms[None, :] - 2 * x @ x.T).clamp_min(0)
     # numpy's median (mean of the two middle values), as in Kornblith et al.'s code; torch.median takes the lower one
     flat = sq_dist.flatten().sort().values
     median = (flat[(flat.numel() - 1) // 2] + flat[flat.numel() // 2]) / 2
-    sigma_sq = sigma_frac ** 2 * median
-    if sigma_sq <= 0:
-        raise ValueError("CKA is undefined: the median pairwise distance is 0 (activations are (nearly) constant)")
-    return torch.exp(-sq_dist / (2 * sigma_sq))
+    return torch.exp(-sq_dist / (2 * sigma_frac ** 2 * median))
 
 # %% ../chapters/11_metrics.ipynb #514848dc
 def cka_rbf(x: torch.Tensor,  # (n, ...) activations of n examples in the first network

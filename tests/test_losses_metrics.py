@@ -298,3 +298,49 @@ def test_metrics_refuse_with_a_message(call, message):
     with pytest.raises(ValueError) as e:
         call()
     assert message in str(e.value), str(e.value)
+
+
+# ---------------------------------------------------------------- checks moved out of the chapter on §3.2
+def test_metric_cases_of_the_chapter():
+    "The worked cases that used to sit under the definitions in chapters/11_metrics: by hand, extremes, symmetry."
+    z = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.1, 0.9], [0.4, 0.6]]).log()
+    y = torch.tensor([0, 1, 1, 1])
+    assert ece(z, y) == pytest.approx(3 / 4 * abs(2 / 3 - 0.9) + 1 / 4 * abs(1 - 0.6), abs=1e-7)
+    assert accuracy(z, y) == 3 / 4 and accuracy(z, torch.tensor([0, 0, 1, 1])) == 1.0
+    assert nll(z, y) == pytest.approx(-(math.log(0.9) + math.log(0.1) + math.log(0.9) + math.log(0.6)) / 4, abs=1e-7)
+    assert nll(torch.zeros(5, 4), torch.tensor([0, 1, 2, 3, 0])) == pytest.approx(math.log(4), abs=1e-12)
+    g = torch.Generator().manual_seed(0)
+    zt, zs = 3 * torch.randn(512, 10, generator=g), 3 * torch.randn(512, 10, generator=g)
+    assert predictive_kl(zt, zt) == pytest.approx(0.0, abs=1e-12) and predictive_kl(zt, zs) > 0
+    assert top1_agreement(zt, zs) == top1_agreement(zs, zt)
+    # by hand: p_t = (0.5, 0.5), p_s = (0.9, 0.1)
+    assert predictive_kl(torch.tensor([[0.0, 0.0]]), torch.tensor([[0.9, 0.1]], dtype=torch.float64).log()) == \
+        pytest.approx(0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1), abs=1e-12)
+    # extreme logits: a probability that underflows must not give nan
+    assert predictive_kl(torch.tensor([[1000.0, 0.0]]), torch.tensor([[0.0, 1000.0]])) == pytest.approx(1000.0, abs=1e-6)
+
+
+def test_cka_cases_of_the_chapter():
+    g = torch.Generator().manual_seed(0)
+    f64 = dict(generator=g, dtype=torch.float64)
+    x = torch.randn(200, 30, **f64)
+    y = x[:, :20] @ torch.randn(20, 15, **f64) + 0.5 * torch.randn(200, 15, **f64)
+    for f in (cka_linear, cka_rbf):
+        assert 0 < f(x, y) < 1
+        assert f(x, y) == pytest.approx(f(y, x), abs=1e-12)
+    # conv activations (n, C, H, W) are flattened per example
+    assert cka_linear(x.reshape(200, 3, 10), y) == pytest.approx(cka_linear(x, y), abs=1e-12)
+
+
+@pytest.mark.parametrize("f", [cka_linear, cka_rbf])
+def test_cka_refuses_degenerate_activations(f):
+    "Identical activations make CKA 0/0 (for RBF through a median distance of 0): one check refuses both."
+    x = torch.randn(10, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="identical activations"):
+        f(torch.ones(10, 3, dtype=torch.float64), x)
+    mostly_same = torch.cat([torch.ones(8, 3), torch.randn(2, 3)]).double()  # median distance 0
+    if f is cka_rbf:
+        with pytest.raises(ValueError, match="identical activations"):
+            f(mostly_same, x)
+    with pytest.raises(ValueError, match="n_examples of x must be an integer >= 2, got 1"):
+        f(x[:1], x[:1])

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checks import check_number
+from ..checks import check_choice, check_number
 from ..losses import kd_loss
 
 # %% ../../chapters/62_optimization.ipynb #1addc0a6
@@ -52,11 +52,11 @@ def profile_params(profile: str,  # "smoke", "quick" or "paper"
     if P["aug_seed"] is None:
         P["aug_seed"] = seed + 3000
     P["fig6a_trials"] = min(P["fig6a_trials"] if P["fig6a_trials"] is not None else P["n_trials"], P["n_trials"])
-    if not set(P["plane_lams"]) <= set(P["lams_scaled_lr"]):
-        raise ValueError(f"plane_lams {P['plane_lams']} must be in lams_scaled_lr {P['lams_scaled_lr']}: a plane needs that student")
-    if P["student_epochs"] not in P["sgd_epochs"]:
-        raise ValueError(f"sgd_epochs {P['sgd_epochs']} must contain student_epochs ({P['student_epochs']}): Figure 6a's "
-                         "default-length run is Figure 6b's λ = 0 run")
+    for lam in P["plane_lams"]:
+        check_choice("λ of plane_lams", lam, P["lams_scaled_lr"],
+                     hint="every λ of plane_lams must be in lams_scaled_lr: a plane needs that student")
+    check_choice("student_epochs", P["student_epochs"], P["sgd_epochs"],
+                 hint="sgd_epochs must contain student_epochs: Figure 6a's default-length run is Figure 6b's λ = 0 run")
     return P
 
 # %% ../../chapters/62_optimization.ipynb #5aca7951
@@ -221,16 +221,15 @@ def plane_basis(theta_t: torch.Tensor,  # flat teacher weights θ_t: the origin
                          "flatten states of one architecture with the same FlatSpec")
     d1, d2 = init - t, final - t
     n1 = float(torch.linalg.vector_norm(d1))
-    if n1 == 0.0:
-        raise ValueError("theta_init equals theta_t (λ = 1?): the plane is undefined; use λ < 1")
-    u = d1 / n1
+    u = d1 / n1 if n1 > 0 else d1
     a2 = float(d2 @ u)
     w = d2 - a2 * u
     w = w - float(w @ u) * u  # a second Gram–Schmidt pass removes the rounding left by the first
     n2 = float(torch.linalg.vector_norm(w))
-    if n2 <= rtol * max(n1, float(torch.linalg.vector_norm(d2))):
-        raise ValueError("the three weight vectors are (nearly) collinear and span no plane: "
-                         "the student did not move off the line through θ_t and θ_init")
+    if n1 == 0.0 or n2 <= rtol * max(n1, float(torch.linalg.vector_norm(d2))):
+        raise ValueError("the plane is undefined: the three weight vectors are (nearly) collinear and span no plane "
+                         "(theta_init equals theta_t at λ = 1, or the student did not move off the line through θ_t and "
+                         "θ_init); use λ < 1")
     return PlaneBasis(origin=t, u=u, v=w / n2, coords={"teacher": (0.0, 0.0), "init": (n1, 0.0), "final": (a2, n2)})
 
 # %% ../../chapters/62_optimization.ipynb #4d0fb5b0
@@ -239,7 +238,7 @@ def plane_grid(basis: PlaneBasis,  # the plane
                margin: float = 0.25,  # extend the window by this fraction of its size on every side
               ):  # (alphas, betas): 1-D float64 tensors of plane coordinates
     "A square window (same extent along u and v) covering the three points of `basis` with a margin, for `loss_on_plane`."
-    if resolution < 2: raise ValueError(f"resolution must be >= 2, got {resolution}")
+    check_number("resolution", resolution, low=2, integer=True)
     pts = torch.tensor(list(basis.coords.values()), dtype=torch.float64)
     lo, hi = pts.min(0).values, pts.max(0).values
     centre, half = (lo + hi) / 2, float((hi - lo).max()) * (0.5 + margin)  # a square window: equal units on both axes
@@ -313,7 +312,7 @@ def plot_loss_plane(ax,  # matplotlib Axes
     return cs
 
 # %% ../../chapters/62_optimization.ipynb #f5ce96d8
-from ..augment import augment
+from ..augment import POLICIES, augment
 from ..data import ImageSet, to_float
 
 
@@ -331,8 +330,8 @@ def augmented_agreement(student: nn.Module,  # the distilled network
     if not isinstance(data, ImageSet) or len(data) == 0:
         raise ValueError("data must be a non-empty kdbook.data.ImageSet of the distillation images")
     check_number("batch_size", batch_size, 1, integer=True)
-    if policy in ("ood", "synthetic"):
-        raise ValueError(f"policy {policy!r} adds images to the batch; measure agreement with a policy that keeps them")
+    check_choice("policy", policy, [p for p in POLICIES if p not in ("ood", "synthetic")],
+                 hint="'ood' and 'synthetic' are left out: each adds images to the batch")
     device = torch.device(device) if device is not None else next(student.parameters()).device
     modes = student.training, teacher.training
     student.eval(); teacher.eval()
@@ -352,7 +351,6 @@ def augmented_agreement(student: nn.Module,  # the distilled network
     n = len(data)
     return dict(agreement=agree / n, kd_loss=loss / n, kd_loss_min=floor / n, n=n)
 
-
 # %% ../../chapters/62_optimization.ipynb #a06f6c89
 def _median(values: torch.Tensor) -> torch.Tensor:
     "numpy's median (the mean of the two middle values for an even count); torch.median takes the lower one."
@@ -362,26 +360,21 @@ def _median(values: torch.Tensor) -> torch.Tensor:
 # %% ../../chapters/62_optimization.ipynb #768c6387
 def rbf_gram_median_sq(x: torch.Tensor,  # (n, d) one row per example
                       ) -> torch.Tensor:  # (n, n) exp(−d²/2σ²) with σ² = median of the non-zero squared distances
-    "RBF Gram matrix with the bandwidth convention of the authors' CKA code: σ² = median of the non-zero d²."
+    """RBF Gram matrix with the bandwidth convention of the authors' CKA code: σ² = median of the non-zero d².
+    Identical examples (no non-zero distance) give a matrix of ones whatever σ, which CKA refuses as constant."""
     sq = (x * x).sum(1)
     d2 = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp_min(0)
     d2.fill_diagonal_(0)
     nonzero = d2[d2 > 0]
-    if nonzero.numel() == 0:
-        raise ValueError("CKA is undefined: all examples have identical activations (no non-zero distance)")
-    return torch.exp(-d2 / (2 * _median(nonzero)))
+    return torch.exp(-d2 / (2 * (_median(nonzero) if nonzero.numel() else 1.0)))
 
 # %% ../../chapters/62_optimization.ipynb #09f52948
+from ..metrics import _centred_gram_pair, _cka_from_grams
+
+
 def cka_rbf_median_sq(x: torch.Tensor,  # (n, ...) activations of n examples in the first network
                       y: torch.Tensor,  # (n, ...) activations of the same n examples in the second network
                      ) -> float:
     "RBF-kernel CKA with the authors' bandwidth (σ² = median non-zero d²), Gram matrices over examples (Table 1, fixed)."
-    for name, a in (("x", x), ("y", y)):
-        if not isinstance(a, torch.Tensor) or a.ndim < 2 or a.shape[0] < 2:
-            raise ValueError(f"{name} must be a tensor of activations (n_examples >= 2, ...), got {getattr(a, 'shape', type(a).__name__)}")
-    if x.shape[0] != y.shape[0]:
-        raise ValueError(f"x has {x.shape[0]} examples and y has {y.shape[0]}: pass the same inputs through both networks")
-    k, l = (rbf_gram_median_sq(a.reshape(a.shape[0], -1).double()) for a in (x, y.to(x.device)))
-    h = torch.eye(len(k), dtype=k.dtype, device=k.device) - 1.0 / len(k)
-    kc, lc = h @ k @ h, h @ l @ h
-    return float((kc * lc).sum() / torch.sqrt((kc * kc).sum() * (lc * lc).sum()))
+    x, y = _centred_gram_pair(x, y)  # §3.2's checks and float64 flattening, shared with kdbook.metrics.cka_rbf
+    return _cka_from_grams(rbf_gram_median_sq(x), rbf_gram_median_sq(y))

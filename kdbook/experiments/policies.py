@@ -10,6 +10,7 @@ from dataclasses import replace
 
 import torch
 
+from ..checks import check_choice
 from ..data import ImageSet, to_float
 from ..engine import resolve_device
 from ..packing import can_pack
@@ -57,18 +58,16 @@ PROFILE_SIZES = {
 }
 SHARED_BASELINE_SIZES = (1, 3)  # Baseline (τ = 4) students at these m are §4.2's +0 students (kdbook.experiments.zoo.baseline_students)
 
-
+# %% ../../chapters/51_augmentation.ipynb #c51c4e01
 def check_policies(names,  # run names, keys of POLICY_RUNS
                    ) -> list:
     "The names as a list, in the given order; a clear ValueError for an empty list, a duplicate or an unknown name."
     names = list(names) if isinstance(names, (list, tuple)) else names
-    if not isinstance(names, list) or not names:
-        raise ValueError(f"policies must be a non-empty list of names from {list(POLICY_RUNS)}, got {names!r}")
-    unknown = [n for n in names if n not in POLICY_RUNS]
-    if unknown:
-        raise ValueError(f"unknown augmentation policy {unknown[0]!r}: valid policies are {', '.join(POLICY_RUNS)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"policies must not repeat, got {names}")
+    if not isinstance(names, list) or not names or len(set(map(repr, names))) != len(names):
+        raise ValueError(f"policies must be a non-empty list of names from {list(POLICY_RUNS)} that do not repeat, "
+                         f"got {names!r}")
+    for name in names:
+        check_choice("augmentation policy", name, POLICY_RUNS)
     return names
 
 # %% ../../chapters/51_augmentation.ipynb #18ed3ac8
@@ -167,8 +166,7 @@ def policy_params(name: str,  # a key of POLICY_RUNS
                   ) -> dict:
     "The store parameters of one student of §5.1 (everything but its seed)."
     policy, tau, _ = POLICY_RUNS[check_policies([name])[0]]
-    if role not in ("student", "s-prime"):
-        raise ValueError(f"role must be 'student' or 's-prime', got {role!r}")
+    check_choice("role", role, ("student", "s-prime"))
     if name in POOL_POLICIES and not pool:
         raise ValueError(f"policy {name!r} appends images from a pool: say which (pool = {{'source', 'key', 'n'}})")
     return {"role": role, "policy": name, "tau": tau, "alpha": 0.0, "teachers": [r["key"] for r, _ in teachers],

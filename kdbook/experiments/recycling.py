@@ -5,15 +5,18 @@
 # %% ../../chapters/52_recycling.ipynb #79ba2001
 from __future__ import annotations
 
-from ..train import profile_sizes
-
-import math
-
 import torch
 
+from ..checks import check_choice, check_number, check_tensor
 from ..data import ImageSet
 from .zoo import Recipe, data_tag
+from ..train import profile_sizes
 
+# %% auto #0
+__all__ = ['S52_NAME', 'DISTILL_SETS', 'PROFILE_SIZES', 'profile_params', 'check_fraction', 'recycling_split', 'unlabelled',
+           'recycling_sets', 'recycling_params', 'images_processed', 'recycling_points', 'gpu_plan']
+
+# %% ../../chapters/52_recycling.ipynb #a52c0de1
 S52_NAME = "s52-student"  # the store's experiment name of this chapter's students
 DISTILL_SETS = ("D0", "D1", "D0+D1")  # what the students distil on: s0, s1, s0∪1 of §5.2
 # The chapter's sizes per profile: the chapter runs with these (through profile_params) and gpu_plan plans them.
@@ -25,26 +28,19 @@ PROFILE_SIZES = {
                   pack_students=False),
 }
 
-
+# %% ../../chapters/52_recycling.ipynb #b52f1a2e
 def profile_params(profile: str,  # "smoke", "quick" or "paper"
                    **given,  # the chapter's parameters; None means "the profile's value"
                    ) -> dict:
     "The chapter's sizes at `profile`, a given value in place of the profile's wherever it is not None (0 and False count)."
     return profile_sizes(PROFILE_SIZES, profile, **given)
 
-# %% auto #0
-__all__ = ['S52_NAME', 'DISTILL_SETS', 'PROFILE_SIZES', 'profile_params', 'check_fraction', 'recycling_split', 'unlabelled',
-           'recycling_sets', 'recycling_params', 'images_processed', 'recycling_points', 'gpu_plan']
-
 # %% ../../chapters/52_recycling.ipynb #f79ab47c
 def check_fraction(fraction: float,  # share of each class that goes to D0
                    ) -> float:
     "The fraction when it lies strictly between 0 and 1; a clear ValueError otherwise (an empty half trains nothing)."
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not math.isfinite(fraction) \
-            or not 0 < fraction < 1:
-        raise ValueError(f"fraction must lie strictly between 0 and 1 (the share of each class in D0; the paper: 0.5), "
-                         f"got {fraction!r}")
-    return float(fraction)
+    return check_number("fraction", fraction, 0, 1, low_open=True, high_open=True,
+                        hint="the share of each class in D0; the paper: 0.5")
 
 # %% ../../chapters/52_recycling.ipynb #f6ac38f5
 def recycling_split(labels: torch.Tensor,  # int64 labels of the set to split (the CIFAR-100 train split)
@@ -53,9 +49,8 @@ def recycling_split(labels: torch.Tensor,  # int64 labels of the set to split (t
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     "Sorted indices (D0, D1) of a class-stratified random split: disjoint, covering, D0 holding `fraction` of each class."
     fraction = check_fraction(fraction)
-    labels = torch.as_tensor(labels).cpu()
-    if labels.dim() != 1 or len(labels) < 2:
-        raise ValueError(f"labels must be a 1-d tensor of at least 2 labels, got shape {tuple(labels.shape)}")
+    labels = check_tensor("labels", torch.as_tensor(labels).cpu(), ndim=1)
+    check_number("number of labels", len(labels), low=2, integer=True)
     g = torch.Generator().manual_seed(seed)
     classes = torch.unique(labels)
     members = [torch.nonzero(labels == c).flatten() for c in classes.tolist()]
@@ -97,8 +92,7 @@ def recycling_params(distill_set: str,  # one of DISTILL_SETS
                      split: dict,  # what identifies the split: {"seed", "fraction"}
                      ) -> dict:
     "The store parameters of one student of §5.2 (everything but its seed)."
-    if distill_set not in DISTILL_SETS:
-        raise ValueError(f"unknown distillation set {distill_set!r}: use one of {DISTILL_SETS}")
+    check_choice("distillation set", distill_set, DISTILL_SETS)
     return {"distill_set": distill_set, "tau": float(tau), "alpha": 0.0, "teachers": [r["key"] for r, _ in teachers],
             "recipe": recipe.to_dict(), "train": data_tag(data), "test": data_tag(test), "split": dict(split),
             "controls": []}
