@@ -10,7 +10,7 @@ LABELS = torch.arange(1000) % 10
 @pytest.mark.parametrize("bad,message", [
     (0, "fraction must be in (0, 1), got 0"), (1, "fraction must be in (0, 1), got 1"),
     (1.5, "fraction must be in (0, 1), got 1.5"), (-0.1, "fraction must be in (0, 1), got -0.1"),
-    (float("nan"), "fraction must be finite, got nan"), (True, "fraction must be a real number in (0, 1), got True (bool)"),
+    (float("nan"), "fraction must be a finite number in (0, 1), got nan"), (True, "fraction must be a real number in (0, 1), got True (bool)"),
     ("half", "fraction must be a real number in (0, 1), got 'half' (str)"),
 ])
 def test_bad_fractions_are_refused(bad, message):
