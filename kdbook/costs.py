@@ -22,9 +22,10 @@ def repo_root() -> Path:
     return Path(kdbook.__file__).resolve().parents[1]
 
 # %% auto #0
-__all__ = ['BENCHMARK', 'LN20_TEACHER', 'DEVICE', 'CAPTURE_S', 'START_S', 'ARCH_ALIASES', 'LEDGER_COLUMNS', 'repo_root',
-           'fit_student_teacher', 'unit_costs', 'student_s', 'teacher_fit_s', 'eval_s', 'gan_s', 'Item', 'toc_order',
-           'chapter_specs', 'owed', 'load_plan', 'plans', 'project', 'ledger_rows']
+__all__ = ['BENCHMARK', 'LN20_TEACHER', 'DEVICE', 'CAPTURE_S', 'START_S', 'ARCH_ALIASES', 'LEDGER_COLUMNS', 'OVERVIEW_HEADER',
+           'RUNS_LEDGER_HEADER', 'repo_root', 'fit_student_teacher', 'unit_costs', 'student_s', 'teacher_fit_s',
+           'eval_s', 'gan_s', 'Item', 'toc_order', 'chapter_plan', 'chapter_specs', 'owed', 'load_plan', 'plans',
+           'project', 'ledger_rows', 'store_overview', 'runs_ledger']
 
 # %% ../chapters/a3e_costs.ipynb #c38f295a
 def _read_json(root, rel: str) -> dict:
@@ -176,19 +177,27 @@ def toc_order(root) -> list:
     walk(toc.get("parts", toc))
     return stems
 
-# %% ../chapters/a3e_costs.ipynb #17b68bfa
-def chapter_specs(root) -> dict:
-    "profiles.yml's chapters in the book's order: {stem: {published, target, plan}} (plan None where none is named)."
+# %% ../chapters/a3e_costs.ipynb #fae39db7
+def chapter_plan(root,  # the book's repository (holds profiles.yml)
+                 ) -> dict:
+    "profiles.yml: {'default': profile, 'chapters': {stem: {published, target, stores, plan}}} (plain form: both the same)."
     import yaml
-    spec = yaml.safe_load((Path(root) / "profiles.yml").read_text()) or {}
+    path = Path(root) / "profiles.yml"
+    spec = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
     default = spec.get("default", "smoke")
-    out = {}
+    chapters = {}
     for stem, value in (spec.get("chapters") or {}).items():
         value = value if isinstance(value, dict) else {"published": value}
         published = value.get("published", default)
-        out[stem] = {"published": published, "target": value.get("target", published), "plan": value.get("plan")}
+        chapters[stem] = {"published": published, "target": value.get("target", published),
+                          "stores": list(value.get("stores") or []), "plan": value.get("plan")}
+    return {"default": default, "chapters": chapters}
+
+# %% ../chapters/a3e_costs.ipynb #17b68bfa
+def chapter_specs(root) -> dict:
+    "chapter_plan's chapters in the book's order (_toc.yml); `plan` is None where none is named."
     order = {s: i for i, s in enumerate(toc_order(root))}
-    return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))
+    return dict(sorted(chapter_plan(root)["chapters"].items(), key=lambda kv: order.get(kv[0], len(order))))
 
 # %% ../chapters/a3e_costs.ipynb #e88326c9
 def owed(root, profile: str = "quick") -> list:
@@ -244,9 +253,8 @@ def ledger_rows(records: list,  # valid store records (Store.records())
                 stores: dict | None = None,  # {stem: [store names]} (default: profiles.yml's stores)
                 ) -> list:
     "Per chapter: published, target, its plan, GPU-minutes measured on CUDA at `profile`, and projected."
-    from kdbook.store import chapter_plan
     specs = chapter_specs(root)
-    stores = stores if stores is not None else {s: v["stores"] for s, v in chapter_plan(root)["chapters"].items()}
+    stores = stores if stores is not None else {s: v["stores"] for s, v in specs.items()}
     projected = project(plans(root, profile))
     rows = []
     for stem, spec in specs.items():
@@ -255,3 +263,51 @@ def ledger_rows(records: list,  # valid store records (Store.records())
         measured = sum(r["meta"]["wall_time_s"] for r in mine) / 60 if mine else None
         rows.append([stem, spec["published"], spec["target"], spec["plan"] or "—", measured, projected.get(stem)])
     return rows
+
+# %% ../chapters/a3e_costs.ipynb #963a5ff4
+OVERVIEW_HEADER = ["experiment", "profile", "device", "records", "compute (min)", "newest", "revision"]
+
+
+def store_overview(records: list) -> list:
+    "Rows (name, profile, device, records, compute minutes, newest record, its revision) of a store's records."
+    groups = {}
+    for r in records:
+        m = r["meta"]
+        groups.setdefault((r["name"], m.get("profile") or "not recorded", m["device"]), []).append(r)
+    rows = []
+    for (name, profile, device), recs in sorted(groups.items()):
+        newest = max(recs, key=lambda r: r["meta"]["created"])
+        rows.append([name, profile, device, len(recs), sum(r["meta"]["wall_time_s"] for r in recs) / 60,
+                     newest["meta"]["created"][:10], newest["meta"]["git_rev"][:8]])
+    return rows
+
+# %% ../chapters/a3e_costs.ipynb #68072cb1
+def _on_gpu(record) -> bool:
+    return str(record["meta"]["device"]).startswith("cuda")
+
+# %% ../chapters/a3e_costs.ipynb #c3782888
+def runs_ledger(records: list,  # valid store records (Store.records())
+           plan: dict,  # chapter_plan(root)
+           ) -> list:
+    "Per chapter with stored runs: runs and GPU-minutes at quick and paper, measured on CUDA; 'owed' where none is."
+    rows = []
+    for stem, spec in plan["chapters"].items():
+        if not spec["stores"]:
+            continue
+        mine = [r for r in records if r["name"] in spec["stores"]]
+        row = [stem, spec["published"], spec["target"]]
+        for profile in ("quick", "paper"):
+            gpu = [r for r in mine if r["meta"].get("profile") == profile and _on_gpu(r)]
+            cpu = [r for r in mine if r["meta"].get("profile") == profile and not _on_gpu(r)]
+            if gpu:
+                row.append(f"{len(gpu)} runs, {sum(r['meta']['wall_time_s'] for r in gpu) / 60:.1f} GPU-min")
+            elif cpu:
+                row.append(f"owed on a GPU ({len(cpu)} runs on CPU, {sum(r['meta']['wall_time_s'] for r in cpu) / 60:.1f} CPU-min)")
+            else:
+                row.append("owed")
+        row.append(sum(1 for r in mine if "profile" not in r["meta"]))
+        rows.append(row)
+    return rows
+
+
+RUNS_LEDGER_HEADER = ["chapter", "published", "target", "quick", "paper", "records without a recorded profile"]

@@ -38,11 +38,10 @@ def canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 # %% auto #0
-__all__ = ['RECORD_FIELDS', 'META_FIELDS', 'RESERVED_NAMES', 'MAX_NAME_LEN', 'FILE_MODE', 'logger', 'LEDGER_HEADER',
-           'OVERVIEW_HEADER', 'canonical_json', 'check_name', 'check_seed', 'run_key', 'numeric_form',
-           'record_checksum', 'file_sha256', 'atomic_write_bytes', 'file_lock', 'git_revision', 'package_versions',
-           'thread_count', 'device_name', 'Store', 'save_checkpoint', 'load_checkpoint', 'WeightsError', 'chapter_plan',
-           'html_table', 'store_overview', 'ledger']
+__all__ = ['RECORD_FIELDS', 'META_FIELDS', 'RESERVED_NAMES', 'MAX_NAME_LEN', 'FILE_MODE', 'logger', 'canonical_json',
+           'check_name', 'check_seed', 'run_key', 'numeric_form', 'record_checksum', 'file_sha256',
+           'atomic_write_bytes', 'file_lock', 'git_revision', 'package_versions', 'thread_count', 'device_name',
+           'Store', 'save_safetensors', 'load_safetensors', 'WeightsError']
 
 # %% ../chapters/a3b_store.ipynb #a9495991
 def _check_keys(what: str, obj, where: str = ""):
@@ -553,19 +552,19 @@ def checkpoint_path(self: Store, name: str) -> Path:
 @patch
 def save_checkpoint(self: Store, name: str, model_or_state, metadata: dict | None = None) -> Path:
     "Save a model's weights (safetensors) under the checkpoints folder."
-    return save_checkpoint(model_or_state, self.checkpoint_path(name), metadata)
+    return save_safetensors(model_or_state, self.checkpoint_path(name), metadata)
 
 # %% ../chapters/a3b_store.ipynb #ffac0f94
 @patch
 def load_checkpoint(self: Store, name: str, model=None):
     "Load weights saved by save_checkpoint; into `model` if given (returned), else the state dict."
-    return load_checkpoint(self.checkpoint_path(name), model)
+    return load_safetensors(self.checkpoint_path(name), model)
 
 # %% ../chapters/a3b_store.ipynb #28ed5959
-def save_checkpoint(model_or_state,  # an nn.Module or a state dict of tensors
-                    path,  # the .safetensors file to write (atomically)
-                    metadata: dict | None = None,  # str -> str notes stored in the file's header
-                    ) -> Path:
+def save_safetensors(model_or_state,  # an nn.Module or a state dict of tensors
+                     path,  # the .safetensors file to write (atomically)
+                     metadata: dict | None = None,  # str -> str notes stored in the file's header
+                     ) -> Path:
     "Write weights to a safetensors file (CPU, contiguous copies)."
     from safetensors.torch import save
     state = model_or_state.state_dict() if hasattr(model_or_state, "state_dict") else model_or_state
@@ -573,9 +572,9 @@ def save_checkpoint(model_or_state,  # an nn.Module or a state dict of tensors
     return atomic_write_bytes(path, save(tensors, metadata={str(k): str(v) for k, v in (metadata or {}).items()}))
 
 # %% ../chapters/a3b_store.ipynb #2adef538
-def load_checkpoint(path,  # a .safetensors file written by save_checkpoint
-                    model=None,  # load the weights into this module (strictly) and return it
-                    ):
+def load_safetensors(path,  # a .safetensors file written by save_safetensors
+                     model=None,  # load the weights into this module (strictly) and return it
+                     ):
     "Read a safetensors checkpoint: the state dict, or `model` with the weights loaded."
     from safetensors.torch import load_file
     path = Path(path)
@@ -712,83 +711,3 @@ def run_model(self: Store, name: str,  # the experiment's name
             record = self._run(name, params, make, seed, force=True, depends=depends)
             return record, self.load_weights(name, record["key"], trained["model"], record["result"]["weights"]["sha256"])
 
-
-# %% ../chapters/a3b_store.ipynb #e4a1d2c3
-def chapter_plan(root,  # the book's repository (holds profiles.yml)
-                 ) -> dict:
-    "profiles.yml: {'default': profile, 'chapters': {stem: {'published', 'target', 'stores'}}} (plain form: both the same)."
-    import yaml
-    path = Path(root) / "profiles.yml"
-    spec = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
-    default = spec.get("default", "smoke")
-    chapters = {}
-    for stem, value in (spec.get("chapters") or {}).items():
-        value = value if isinstance(value, dict) else {"published": value}
-        published = value.get("published", default)
-        chapters[stem] = {"published": published, "target": value.get("target", published),
-                          "stores": list(value.get("stores") or [])}
-    return {"default": default, "chapters": chapters}
-
-# %% ../chapters/a3b_store.ipynb #c4e582ae
-def html_table(header: list,  # column names
-               rows: list,  # one list of cells per row (str, int, float or None)
-               caption: str | None = None,  # shown above the table
-               digits: int = 3,  # decimals of floats
-               ):
-    "An HTML table (IPython.display.HTML): renders as a table in Jupyter and in the book, whatever its markdown flavour."
-    from html import escape
-    from IPython.display import HTML
-
-    def cell(v):
-        return "—" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else escape(str(v))
-
-    head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-    cap = f"<caption>{escape(caption)}</caption>" if caption else ""
-    return HTML(f'<table class="kdbook-table">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
-
-# %% ../chapters/a3b_store.ipynb #356e680f
-def store_overview(records: list) -> list:
-    "Rows (name, profile, device, records, compute minutes, newest record, its revision) of a store's records."
-    groups = {}
-    for r in records:
-        m = r["meta"]
-        groups.setdefault((r["name"], m.get("profile") or "not recorded", m["device"]), []).append(r)
-    rows = []
-    for (name, profile, device), recs in sorted(groups.items()):
-        newest = max(recs, key=lambda r: r["meta"]["created"])
-        rows.append([name, profile, device, len(recs), sum(r["meta"]["wall_time_s"] for r in recs) / 60,
-                     newest["meta"]["created"][:10], newest["meta"]["git_rev"][:8]])
-    return rows
-
-# %% ../chapters/a3b_store.ipynb #156369b7
-def _on_gpu(record) -> bool:
-    return str(record["meta"]["device"]).startswith("cuda")
-
-# %% ../chapters/a3b_store.ipynb #4203e4be
-def ledger(records: list,  # valid store records (Store.records())
-           plan: dict,  # chapter_plan(root)
-           ) -> list:
-    "Per chapter with stored runs: runs and GPU-minutes at quick and paper, measured on CUDA; 'owed' where none is."
-    rows = []
-    for stem, spec in plan["chapters"].items():
-        if not spec["stores"]:
-            continue
-        mine = [r for r in records if r["name"] in spec["stores"]]
-        row = [stem, spec["published"], spec["target"]]
-        for profile in ("quick", "paper"):
-            gpu = [r for r in mine if r["meta"].get("profile") == profile and _on_gpu(r)]
-            cpu = [r for r in mine if r["meta"].get("profile") == profile and not _on_gpu(r)]
-            if gpu:
-                row.append(f"{len(gpu)} runs, {sum(r['meta']['wall_time_s'] for r in gpu) / 60:.1f} GPU-min")
-            elif cpu:
-                row.append(f"owed on a GPU ({len(cpu)} runs on CPU, {sum(r['meta']['wall_time_s'] for r in cpu) / 60:.1f} CPU-min)")
-            else:
-                row.append("owed")
-        row.append(sum(1 for r in mine if "profile" not in r["meta"]))
-        rows.append(row)
-    return rows
-
-
-LEDGER_HEADER = ["chapter", "published", "target", "quick", "paper", "records without a recorded profile"]
-OVERVIEW_HEADER = ["experiment", "profile", "device", "records", "compute (min)", "newest", "revision"]

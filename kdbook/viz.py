@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['SMOKE_LINE', 'figure_to_png', 'slider_stack', 'slider_live', 'mean_std', 'discrepancy_rows_html', 'discrepancy_table',
-           'provenance', 'records_provenance', 'plot_curve_with_band', 'panel_grid']
+           'provenance', 'records_provenance', 'html_table', 'plot_curve_with_band', 'panel_grid']
 
 # %% ../chapters/a4_figures.ipynb #c8877305
 import html
@@ -239,6 +239,21 @@ def records_provenance(records,  # the stored records a figure or table reads (d
         profile += " (pipeline check only: the numbers mean nothing)"
     parts = [profile, f"computed on {', '.join(sorted(devices))}"] + ([f"n = {n}"] if n else [])
     return " · ".join(parts)
+
+# %% ../chapters/a4_figures.ipynb #83e1a936
+def html_table(header: list,  # column names
+               rows: list,  # one list of cells per row (str, int, float or None)
+               caption: str | None = None,  # shown above the table
+               digits: int = 3,  # decimals of floats
+               ):
+    "An HTML table (IPython.display.HTML): renders as a table in Jupyter and in the book, whatever its markdown flavour."
+    def cell(v):
+        return "—" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else html.escape(str(v))
+
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
+    return HTML(f'<table class="kdbook-table">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
 
 # %% ../chapters/a4_figures.ipynb #74e980f1
 def plot_curve_with_band(ax,  # matplotlib Axes to draw on

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from kdbook.store import META_FIELDS, Store, load_checkpoint, record_checksum, run_key, save_checkpoint
+from kdbook.store import META_FIELDS, Store, load_safetensors, record_checksum, run_key, save_safetensors
 
 
 class Counter:
@@ -116,8 +116,8 @@ def test_checkpoints(tmp_path):
     store.load_checkpoint("net", other)
     for a, b in zip(net.state_dict().values(), other.state_dict().values()):
         assert torch.equal(a, b)
-    explicit = save_checkpoint(net, tmp_path / "x.safetensors")
-    assert set(load_checkpoint(explicit)) == set(net.state_dict())
+    explicit = save_safetensors(net, tmp_path / "x.safetensors")
+    assert set(load_safetensors(explicit)) == set(net.state_dict())
     with pytest.raises(ValueError, match="no checkpoint"):
         store.load_checkpoint("missing")
 
