@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checks import check_choice, check_number
+
 BENCHMARK = "results/benchmarks/cuda-nvidia-h100-80gb-hbm3.json"  # the engine benchmark (appendix A.3), relative to the book
 LN20_TEACHER = "results/s62-teacher/62ccbfcd450b0676.json"  # the stored 80-epoch LayerNorm ResNet-20 teacher (§6.2)
 DEVICE = "one NVIDIA H100 80GB (HBM3)"  # the device every unit cost refers to
@@ -96,10 +98,8 @@ ARCH_ALIASES = {"resnet20_ln": "resnet20", "resnet20_bn": "resnet20"}
 
 
 def _arch(arch: str, table: dict) -> str:
-    a = ARCH_ALIASES.get(arch, arch)
-    if a not in table:
-        raise ValueError(f"no unit cost for architecture {arch!r}: known are {sorted(table)} (add a rate to unit_costs)")
-    return a
+    return check_choice("architecture", ARCH_ALIASES.get(arch, arch), sorted(table),
+                        hint="no unit cost for it (add a rate to unit_costs)")
 
 # %% ../chapters/a3e_costs.ipynb #9b20c628
 def student_s(images: float,  # student-images: epochs x distillation images (per student)
@@ -108,8 +108,8 @@ def student_s(images: float,  # student-images: epochs x distillation images (pe
               arch: str = "resnet56",  # the student's (and teachers') architecture
               ) -> float:
     "GPU-seconds of one student (of a pack of k) distilled on `images` images from m teachers."
-    if m < 1 or k < 1:
-        raise ValueError(f"a student needs m >= 1 teachers and k >= 1 students per pack, got m={m}, k={k}")
+    check_number("m", m, low=1, hint="a student needs at least one teacher")
+    check_number("k", k, low=1, hint="a pack holds at least one student")
     u = unit_costs()
     a = _arch(arch, u["student"])
     return images * (u["student"][a] + m * u["teacher"][a] / k)
@@ -153,8 +153,7 @@ class Item:
     basis: str = ""  # how the seconds were computed
 
     def __post_init__(self):
-        if not isinstance(self.seconds, (int, float)) or self.seconds != self.seconds or self.seconds < 0:
-            raise ValueError(f"Item {self.what!r} of {self.chapter}: seconds must be a number >= 0, got {self.seconds!r}")
+        check_number("seconds", self.seconds, low=0, hint=f"Item {self.what!r} of {self.chapter}")
         if self.key is not None and not isinstance(self.key, tuple):
             raise ValueError(f"Item {self.what!r} of {self.chapter}: key must be a tuple or None, got {self.key!r}")
 

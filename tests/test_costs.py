@@ -26,7 +26,7 @@ def test_unit_functions():
     assert gan_s(1000, amp=True) < gan_s(1000)
     with pytest.raises(ValueError, match="no unit cost"):
         student_s(10, 1, arch="lenet9")
-    with pytest.raises(ValueError, match="m >= 1"):
+    with pytest.raises(ValueError, match="m must be >= 1, got 0"):
         student_s(10, 0)
 
 
