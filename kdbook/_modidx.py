@@ -654,6 +654,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'kdbook.store.Store._locked': ('a3b_store.html#store._locked', 'kdbook/store.py'),
                               'kdbook.store.Store._problem': ('a3b_store.html#store._problem', 'kdbook/store.py'),
                               'kdbook.store.Store._read': ('a3b_store.html#store._read', 'kdbook/store.py'),
+                              'kdbook.store.Store._record_file': ('a3b_store.html#store._record_file', 'kdbook/store.py'),
                               'kdbook.store.Store._run': ('a3b_store.html#store._run', 'kdbook/store.py'),
                               'kdbook.store.Store._say': ('a3b_store.html#store._say', 'kdbook/store.py'),
                               'kdbook.store.Store._write': ('a3b_store.html#store._write', 'kdbook/store.py'),

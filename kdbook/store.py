@@ -10,7 +10,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import numbers
 import os
 import platform
 import re
@@ -79,9 +78,8 @@ def check_name(name: str) -> str:
 # %% ../chapters/a3b_store.ipynb #6d0a91b3
 def check_seed(seed) -> int:
     "A seed is an integer >= 0 (not a bool, not a float)."
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r} ({type(seed).__name__})")
-    return int(seed)
+    from kdbook.checks import check_number  # imported here: it imports torch, and reading the store needs none
+    return check_number("seed", seed, low=0, integer=True)
 
 # %% ../chapters/a3b_store.ipynb #1b9b92ee
 def run_key(name: str,  # the experiment's name, e.g. "a3-teacher"
@@ -140,10 +138,9 @@ def atomic_write_bytes(path, data: bytes) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    finally:
+        if os.path.exists(tmp):  # only when writing failed: os.replace moved it otherwise
             os.unlink(tmp)
-        raise
     return path
 
 # %% ../chapters/a3b_store.ipynb #2e5907b1
@@ -307,18 +304,17 @@ class Store:
     @staticmethod
     def depends_of(records) -> dict:
         "{'<name>/<key>': checksum} of the records a run was computed from."
-        if isinstance(records, (str, bytes, dict)) or not hasattr(records, "__iter__"):
-            what = "a single record" if isinstance(records, dict) else f"a {type(records).__name__} ({records!r:.60})"
-            raise ValueError(f"depends= must be a list of store records (the dicts Store.run returns), got {what}; "
-                             "pass depends=[teacher_record] (a list, even for one record)")
-        out = {}
-        for r in records:
-            if not isinstance(r, dict) or not all(f in r for f in ("name", "key", "checksum")):
-                raise ValueError("depends= must be a list of store records (dicts with name, key and checksum, as "
-                                 f"Store.run returns), got an item of type {type(r).__name__} ({r!r:.60}); pass the "
-                                 "records themselves, not their keys or names")
-            out[f"{r['name']}/{r['key']}"] = r["checksum"]
-        return out
+        listed = not isinstance(records, (str, bytes, dict)) and hasattr(records, "__iter__")
+        items = list(records) if listed else []
+        bad = next((r for r in items if not isinstance(r, dict) or not all(f in r for f in ("name", "key", "checksum"))), None)
+        if not listed or bad is not None:
+            what = ("a single record" if not listed and isinstance(records, dict) else
+                    f"a {type(records).__name__} ({records!r:.60})" if not listed else
+                    f"an item of type {type(bad).__name__} ({bad!r:.60}), not a record: pass the records themselves, "
+                    "not their keys or names")
+            raise ValueError(f"depends= must be a list of store records (dicts with name, key and checksum, as "
+                             f"Store.run returns), got {what}; pass depends=[teacher_record] (a list, even for one record)")
+        return {f"{r['name']}/{r['key']}": r["checksum"] for r in items}
 
     @staticmethod
     def _write(path: Path, record: dict):
@@ -334,16 +330,24 @@ def load(self: Store, name: str, params: dict, seed: int) -> dict | None:
     params = _check_json("params", params)
     run_key(name, params, seed)
     key, params = self._home(name, params, check_seed(seed))
-    return self._read(self.root / name / f"{key}.json", name, key, params, seed)
+    return self._read(self._record_file(name, key), name, key, params, seed)
 
 # %% ../chapters/a3b_store.ipynb #0b1e13c7
 @patch
-def _read(self: Store, path: Path, name, key, params=None, seed=None, quiet: bool = False) -> dict | None:
-    if not path.exists():
-        return None
+def _record_file(self: Store, name: str, key: str) -> Path:
+    "The record file of run `key` of `name`; a folder standing there is an error (no record could be written)."
+    path = self.root / name / f"{key}.json"
     if path.is_dir():
         raise IsADirectoryError(f"store: {path} is a folder, but the record file of run {name} {key} belongs "
                                 "there: move or delete that folder, then run again")
+    return path
+
+
+@patch
+def _read(self: Store, path: Path, name, key, params=None, seed=None, quiet: bool = False) -> dict | None:
+    "The valid record at `path`, or None (a damaged one is reported). Trusts its callers: `path` is not a folder."
+    if not path.exists():
+        return None
     try:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -481,10 +485,7 @@ def _run(self: Store, name, params, make, seed, force=False, depends=()) -> dict
     sources, depends = depends, deps
     with self._locked(name, params, seed) as readonly:
         key, params = self._home(name, params, seed)
-        path = self.root / name / f"{key}.json"
-        if path.is_dir():
-            raise IsADirectoryError(f"store: {path} is a folder, but the record file of run {name} {key} belongs "
-                                    "there: move or delete that folder, then run again")
+        path = self._record_file(name, key)
         if not force:
             record = self._read(path, name, key, params, seed)
             if record is not None and depends:

@@ -16,6 +16,8 @@ import ipywidgets as widgets
 import numpy as np
 from IPython.display import HTML
 
+from .checks import check_choice, check_number
+
 # %% ../chapters/a4_figures.ipynb #f7f380d8
 def figure_to_png(fig,  # a matplotlib Figure
                   dpi: int = 80,  # resolution; 80 keeps a 6x3 inch figure around 20-40 KB
@@ -48,9 +50,7 @@ def slider_stack(views: Mapping,  # slider value -> PNG bytes or matplotlib Figu
     if not isinstance(views, Mapping) or len(views) == 0:
         raise ValueError("views must be a non-empty mapping {slider value: PNG bytes or Figure}")
     keys = list(views)
-    if initial is not None and initial not in views:
-        raise ValueError(f"initial={initial!r} is not one of the slider values {keys}")
-    start = 0 if initial is None else keys.index(initial)
+    start = 0 if initial is None else keys.index(check_choice("initial slider value", initial, keys))
     images = [widgets.Image(value=_png(views[k]), format="png", layout=widgets.Layout(width=width)) for k in keys]
     stack = widgets.Stack(children=images, selected_index=start)
     stack.add_class("kdbook-stack")
@@ -267,22 +267,20 @@ def plot_curve_with_band(ax,  # matplotlib Axes to draw on
                          color=None,  # matplotlib colour of our curve (and of the paper's markers)
                         ):
     "Draw our mean ± std as a line with a band, and the paper's values as markers on a dashed line."
-    x, mean = np.asarray(x, dtype=float), np.asarray(mean, dtype=float)
-    if x.shape != mean.shape:
-        raise ValueError(f"x {x.shape} and mean {mean.shape} must have the same shape")
-    (line,) = ax.plot(x, mean, "-", color=color, label=label)
-    if std is not None:
-        std = np.asarray(std, dtype=float)
-        if std.shape != mean.shape:
-            raise ValueError(f"std {std.shape} must have the shape of mean {mean.shape}")
-        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     if (paper_x is None) != (paper_y is None):
         raise ValueError("give both paper_x and paper_y, or neither")
+    arrays = {k: None if v is None else np.asarray(v, dtype=float)
+              for k, v in dict(x=x, mean=mean, std=std, paper_x=paper_x, paper_y=paper_y).items()}
+    for a, b in (("x", "mean"), ("std", "mean"), ("paper_x", "paper_y")):  # all checked before anything is drawn
+        if arrays[a] is not None and arrays[a].shape != arrays[b].shape:
+            raise ValueError(f"{a} {arrays[a].shape} and {b} {arrays[b].shape} must have the same shape")
+    x, mean, std = arrays["x"], arrays["mean"], arrays["std"]
+    (line,) = ax.plot(x, mean, "-", color=color, label=label)
+    if std is not None:
+        ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.2, linewidth=0)
     if paper_x is not None:
-        px, py = np.asarray(paper_x, dtype=float), np.asarray(paper_y, dtype=float)
-        if px.shape != py.shape:
-            raise ValueError(f"paper_x {px.shape} and paper_y {py.shape} must have the same shape")
-        ax.plot(px, py, "--D", color=line.get_color(), markerfacecolor="white", label=paper_label)
+        ax.plot(arrays["paper_x"], arrays["paper_y"], "--D", color=line.get_color(), markerfacecolor="white",
+                label=paper_label)
     return line
 
 # %% ../chapters/a4_figures.ipynb #7d3a1b02
@@ -294,8 +292,7 @@ def panel_grid(n: int,  # number of panels
     "A figure of n panels in rows of at most `max_cols`, each `panel_size` inches: (figure, list of the n Axes)."
     import matplotlib.pyplot as plt
 
-    if not _is_int(n) or n < 1 or not _is_int(max_cols) or max_cols < 1:
-        raise ValueError(f"panel_grid needs n >= 1 panels and max_cols >= 1, got n={n!r}, max_cols={max_cols!r}")
+    n, max_cols = check_number("n", n, low=1, integer=True), check_number("max_cols", max_cols, low=1, integer=True)
     cols = min(n, max_cols)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(panel_size[0] * cols, panel_size[1] * rows), squeeze=False,
