@@ -48,6 +48,17 @@ def test_every_owed_chapter_has_a_plan():
             load_plan(spec["plan"])
 
 
+@pytest.mark.parametrize("profile", ["quick", "paper"])
+def test_every_plan_returns_items(profile):
+    "plans() trusts the chapters' gpu_plan functions to return Items; this is where that is checked."
+    fields = ("chapter", "what", "seconds", "key", "basis")
+    for stem, spec in chapter_specs(ROOT).items():
+        if spec["plan"]:
+            for it in load_plan(spec["plan"])(profile):
+                assert all(hasattr(it, f) for f in fields), f"{spec['plan']} returned {type(it).__name__}, not an Item"
+                assert it.chapter == stem, f"{spec['plan']} returned an Item of {it.chapter}, not of {stem}"
+
+
 @pytest.fixture(scope="module")
 def quick():
     items = plans(ROOT, "quick")
