@@ -468,17 +468,18 @@ def run(self: Store, name: str,  # the experiment's name (a folder of the store)
         depends=(),  # records this run was computed from (e.g. its teacher's): a stored record from others is stale
         ) -> dict:
     "The record of a run: stored if valid (and computed from `depends`), else computed by fn() and stored atomically."
+    if not callable(fn):
+        raise ValueError(f"fn must be a function returning the result dict, got {type(fn).__name__}")
     return self._run(name, params, lambda key: fn(), seed, force, depends)
 
 # %% ../chapters/a3b_store.ipynb #188902ed
 @patch
 def _run(self: Store, name, params, make, seed, force=False, depends=()) -> dict:
-    "Store.run with make(key) -> result (the key the record will have): compute-or-reuse under the run's lock."
+    """Store.run with make(key) -> result (the key the record will have): compute-or-reuse under the run's lock.
+    Trusts its callers (Store.run, Store.run_model) to pass a callable `make`."""
     params = _check_json("params", params)
     run_key(name, params, seed)
     seed = check_seed(seed)
-    if not callable(make):
-        raise ValueError(f"fn must be a function returning the result dict, got {type(make).__name__}")
     if not isinstance(depends, (str, bytes, dict)) and hasattr(depends, "__iter__"):
         depends = list(depends)  # a generator is read once
     deps = self.depends_of(depends)  # checks `depends` first: a clear error before anything else

@@ -457,3 +457,10 @@ def test_two_processes_writing_one_key(tmp_path, force):
     if not force:  # both processes got the one training's record
         assert {float(o[0].strip()) for o in outs} == {rec["result"]["tag"]}
     assert not list(tmp_path.rglob("*.lock")) and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_fn_that_is_not_a_function_is_refused_before_anything_is_written(tmp_path):
+    store = Store(tmp_path)
+    with pytest.raises(ValueError, match="fn must be a function returning the result dict, got NoneType"):
+        store.run("exp", {"lr": 0.1}, None, seed=0)
+    assert not (tmp_path / "exp").exists()
