@@ -216,8 +216,7 @@ def load_plan(ref: str):
 
 # %% ../chapters/a3e_costs.ipynb #f1f084ff
 def plans(root, profile: str = "quick") -> list:
-    """Every Item of every chapter that names a plan in profiles.yml, in the book's order. Trusts the chapters'
-    `gpu_plan` functions to return Items (tests/test_costs.py checks each at every profile)."""
+    "Every Item of every chapter that names a plan in profiles.yml, in the book's order (trusts each plan to return Items)."
     fields = ("chapter", "what", "seconds", "key", "basis")
     return [Item(*(getattr(it, f) for f in fields))  # (an Item of the notebook's own definition too)
             for spec in chapter_specs(root).values() if spec["plan"] for it in load_plan(spec["plan"])(profile)]
