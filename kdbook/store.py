@@ -342,7 +342,7 @@ def _record_file(self: Store, name: str, key: str) -> Path:
                                 "there: move or delete that folder, then run again")
     return path
 
-
+# %% ../chapters/a3b_store.ipynb #4411b747
 @patch
 def _read(self: Store, path: Path, name, key, params=None, seed=None, quiet: bool = False) -> dict | None:
     "The valid record at `path`, or None (a damaged one is reported). Trusts its callers: `path` is not a folder."
