@@ -12,6 +12,8 @@ import numbers
 import torch
 import torch.nn.functional as F
 
+from .checks import check_choice, check_number, check_tensor
+
 # %% auto #0
 __all__ = ['POLICIES', 'random_crop', 'random_hflip', 'random_vflip', 'random_rotation', 'rgb_to_hsv', 'hsv_to_rgb',
            'color_jitter', 'mixup', 'uniform_noise', 'append_ood', 'append_synthetic', 'none', 'baseline', 'rotation',
@@ -22,31 +24,13 @@ def _rand(n: int, g: torch.Generator, device) -> torch.Tensor:
     "n uniform draws from `g` (on g's device, so a CUDA generator stays on the GPU), moved to `device`."
     return torch.rand(n, generator=g, device=g.device).to(device)
 
-# %% ../chapters/a1b_augment.ipynb #97fc0b54
-def _check(x: torch.Tensor):
-    if not torch.is_floating_point(x) or x.ndim != 4:
-        raise ValueError(f"augmentations take float (N, C, H, W) batches in [-1, 1], got {x.dtype} "
-                         f"{tuple(x.shape)}; convert uint8 images with kdbook.data.to_float")
-
-# %% ../chapters/a1b_augment.ipynb #c33983f5
-def _number(name: str, value, lo: float, hi: float = math.inf, integer: bool = False) -> float:
-    "`value` if it is a finite (integer, if asked) number in [lo, hi], else a ValueError naming the setting."
-    if isinstance(value, torch.Tensor) and value.numel() == 1: value = value.item()
-    kind = "an integer" if integer else "a finite number"
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Integral if integer else numbers.Real)
-          and math.isfinite(value) and lo <= value <= hi)
-    if not ok:
-        rng = f">= {lo}" if hi == math.inf else f"in [{lo}, {hi}]"
-        raise ValueError(f"augmentation setting {name} must be {kind} {rng}, got {value!r}")
-    return value
-
 # %% ../chapters/a1b_augment.ipynb #c6a10e03
 def random_crop(x: torch.Tensor,  # float (N, C, H, W) in [-1, 1]
                 generator: torch.Generator,  # source of all randomness
                 padding: int = 4,  # pixels of black border added on each side before cropping
                 ) -> torch.Tensor:
     "torchvision's RandomCrop(H, padding) for a whole batch: pad with black (-1), crop at a random offset per image."
-    padding = _number("padding", padding, 0, integer=True)
+    padding = check_number("padding", padding, low=0, integer=True)
     n, c, h, w = x.shape
     xp = F.pad(x, (padding,) * 4, value=-1.0)
     off = (_rand(2 * n, generator, x.device) * (2 * padding + 1)).long().clamp_(max=2 * padding).view(2, n)
@@ -58,21 +42,21 @@ def random_crop(x: torch.Tensor,  # float (N, C, H, W) in [-1, 1]
 # %% ../chapters/a1b_augment.ipynb #b5df2289
 def random_hflip(x, generator, p: float = 0.5):
     "Mirror each image left-right with probability p."
-    p = _number("p", p, 0, 1)
+    p = check_number("p", p, 0, 1)
     flip = _rand(x.shape[0], generator, x.device) < p
     return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 # %% ../chapters/a1b_augment.ipynb #feea192f
 def random_vflip(x, generator, p: float = 0.5):
     "Mirror each image top-bottom with probability p (the paper's Vertical flip policy, §5.1)."
-    p = _number("p", p, 0, 1)
+    p = check_number("p", p, 0, 1)
     flip = _rand(x.shape[0], generator, x.device) < p
     return torch.where(flip[:, None, None, None], x.flip(-2), x)
 
 # %% ../chapters/a1b_augment.ipynb #dd6d5eeb
 def random_rotation(x, generator, degrees: float = 20.0):
     "Rotate each image by an angle ~ U[-degrees, degrees] (bilinear, black fill), as one affine_grid/grid_sample."
-    degrees = _number("degrees", degrees, 0, 180)
+    degrees = check_number("degrees", degrees, 0, 180)
     n = x.shape[0]
     a = (_rand(n, generator, x.device) * 2 - 1) * math.radians(degrees)
     cos, sin, zero = a.cos(), a.sin(), torch.zeros_like(a)
@@ -120,7 +104,7 @@ def color_jitter(x, generator,
     vectorised). Hue is an exact RGB->HSV rotation. Greyscale batches get brightness and contrast only."""
     for name, v, hi in (("brightness", brightness, 1), ("contrast", contrast, 1), ("saturation", saturation, 1),
                         ("hue", hue, 0.5)):
-        _number(name, v, 0, hi)
+        check_number(name, v, 0, hi)
     n, dev = x.shape[0], x.device
     u = _rand(4 * n, generator, dev).view(4, n, 1, 1, 1).to(x.dtype)
     y = (x + 1) / 2
@@ -146,7 +130,7 @@ def mixup(x, generator):
 # %% ../chapters/a1b_augment.ipynb #24fe9748
 def uniform_noise(x, generator, p: float = 0.2):
     "Replace each image with probability p by uniform noise in [-1, 1] (the Noise policy, §5.1)."
-    p = _number("p", p, 0, 1)
+    p = check_number("p", p, 0, 1)
     n = x.shape[0]
     mask = _rand(n, generator, x.device) < p
     noise = torch.rand(x.shape, generator=generator, device=generator.device).to(x.device, x.dtype) * 2 - 1
@@ -164,7 +148,7 @@ def append_ood(x, generator, pool: torch.Tensor | None = None,  # OOD images: ui
                ):
     "Append round(ratio*N) random images from an out-of-distribution pool (the OOD policy, §5.1; SVHN in the paper)."
     if pool is None: raise ValueError("the 'ood' policy needs pool=<images> (e.g. load_dataset('svhn', 'train').images)")
-    ratio = _number("ratio", ratio, 0)
+    ratio = check_number("ratio", ratio, low=0)
     if tuple(pool.shape[1:]) != tuple(x.shape[1:]):
         raise ValueError(f"OOD pool images are {tuple(pool.shape[1:])}, batch images {tuple(x.shape[1:])}; they must match")
     return torch.cat([x, _draw(pool, round(ratio * x.shape[0]), generator, x.device).to(x.dtype)])
@@ -175,7 +159,7 @@ def append_synthetic(x, generator, sampler=None,  # callable(k, generator) -> fl
                      ):
     "Append round(ratio*N) images from `sampler` (the GAN policy hook); the teacher labels them like real ones."
     if sampler is None: raise ValueError("the 'synthetic' policy needs sampler=callable(k, generator) -> images")
-    ratio = _number("ratio", ratio, 0)
+    ratio = check_number("ratio", ratio, low=0)
     s = sampler(round(ratio * x.shape[0]), generator).to(x.device, x.dtype)
     if tuple(s.shape[1:]) != tuple(x.shape[1:]):
         raise ValueError(f"sampler returned images of shape {tuple(s.shape[1:])}, expected {tuple(x.shape[1:])}")
@@ -223,9 +207,9 @@ def augment(x: torch.Tensor,  # float (N, C, H, W) batch in [-1, 1], on any devi
             **kw,  # policy options: padding, degrees, p, pool, sampler, ratio, brightness...
             ) -> torch.Tensor:
     "Apply an augmentation policy of §5.1 to a whole batch. 'ood' and 'synthetic' return more rows than given."
-    if policy not in POLICIES:
-        raise ValueError(f"unknown augmentation policy {policy!r}; valid policies: {', '.join(POLICIES)}")
-    _check(x)
+    check_choice("augmentation policy", policy, POLICIES)
+    check_tensor("x", x, ndim=4, floating=True,
+                 hint="augmentations take float (N, C, H, W) batches in [-1, 1]; convert uint8 images with kdbook.data.to_float")
     known = list(inspect.signature(POLICIES[policy]).parameters)[2:]
     unknown = sorted(set(kw) - set(known))
     if unknown:

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import check_choice, check_number
+
 # %% auto #0
 __all__ = ['DATASETS', 'SPLITS', 'OFFLINE_FILES', 'PUBLISHED_SHA256', 'STANDINS', 'FASHION_CLASSES', 'CIFAR10_CLASSES',
            'CIFAR100_CLASSES', 'EXPECTED', 'CACHE_VERSION', 'Expected', 'ImageSet', 'to_float', 'datasets_dir',
@@ -339,8 +341,8 @@ def save_cached(path, images: np.ndarray, labels: np.ndarray, meta: dict):
             np.savez(f, images=images, labels=labels, meta=np.array(json.dumps(meta)))
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True); raise
+    finally:
+        Path(tmp).unlink(missing_ok=True)  # left only when writing failed: os.replace moved it otherwise
 
 # %% ../chapters/a1_data.ipynb #95080b9c
 def load_cached(path):
@@ -494,8 +496,8 @@ def load_dataset(name: str,  # one of DATASETS
     cache_dir; the offline datasets directory; a torchvision download (if `download`); an offline stand-in
     (emnist -> fashion_mnist, svhn -> cifar10, recorded in `.source`). Every split is checked (whole stream,
     counts, classes, labels) before it is used or cached; a damaged file is a DatasetError naming it."""
-    if name not in DATASETS: raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
-    if split not in SPLITS: raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    check_choice("dataset", name, DATASETS)
+    check_choice("split", split, SPLITS)
     root, cache_dir = datasets_dir(root), resolve_cache_dir(cache_dir)
     tv_error = None
     try:  # an exact copy torchvision fetched earlier wins over the (possibly lossy) offline one
@@ -540,7 +542,7 @@ def stratified_subset(labels: torch.Tensor,  # int64 labels of the full set
     "Sorted indices of a class-balanced random subset, e.g. the paper's 200 MNIST examples (20 per class, §4.1)."
     labels = torch.as_tensor(labels).cpu()
     classes = torch.unique(labels)
-    if not 0 < n <= len(labels): raise ValueError(f"n must be in 1..{len(labels)}, got {n}")
+    n = check_number("n", n, low=1, high=len(labels), integer=True)
     g = _gen(seed)
     per = torch.full((len(classes),), n // len(classes), dtype=torch.long)
     per[torch.randperm(len(classes), generator=g)[: n % len(classes)]] += 1  # leftover examples
@@ -571,6 +573,6 @@ def fraction_subset(n: int,  # size of the full set (e.g. 697,932 EMNIST train i
                     seed: int,  # the same seed gives nested subsets: 25% inside 50% inside 100%
                     ) -> torch.Tensor:
     "Sorted indices of round(fraction*n) examples: a prefix of one seeded permutation, so fractions nest."
-    if not 0.0 <= fraction <= 1.0: raise ValueError(f"fraction must be in [0, 1], got {fraction}")
-    if n < 0: raise ValueError(f"n must be >= 0, got {n}")
+    fraction = check_number("fraction", fraction, 0, 1)
+    n = check_number("n", n, low=0, integer=True)
     return torch.randperm(n, generator=_gen(seed))[: round(fraction * n)].sort().values

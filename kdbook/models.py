@@ -13,6 +13,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .checks import check_choice, check_number
+
 # %% ../chapters/a2_models.ipynb #6c2e15d3
 def count_params(model: nn.Module,  # any torch module
                  trainable_only: bool = False,  # count only parameters with requires_grad
@@ -20,13 +22,18 @@ def count_params(model: nn.Module,  # any torch module
     "Number of parameters (buffers such as BatchNorm running statistics are not parameters)."
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
+# %% ../chapters/a2_models.ipynb #185e4fb3
+def _check_sizes(**sizes):
+    "The constructors' one check of their sizes (num_classes, in_channels, width): each an integer >= 1."
+    for name, value in sizes.items():
+        check_number(name, value, low=1, integer=True)
+
 # %% ../chapters/a2_models.ipynb #83e76512
 def lenet5(num_classes: int = 10,  # output logits
            in_channels: int = 1,  # 1 for MNIST/EMNIST/Fashion-MNIST
           ) -> nn.Sequential:
     "LeNet-5 of the MNIST experiment (§4.1, Fig. 2): 28x28 inputs, ReLU, average pooling."
-    if num_classes < 1 or in_channels < 1:
-        raise ValueError(f"num_classes ({num_classes}) and in_channels ({in_channels}) must be >= 1")
+    _check_sizes(num_classes=num_classes, in_channels=in_channels)
     return nn.Sequential(
         nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.AvgPool2d(2),
         nn.Conv2d(6, 16, 5), nn.ReLU(), nn.AvgPool2d(2),
@@ -43,11 +50,9 @@ def norm2d(norm: str,  # "batch" (BatchNorm2d) or "layer" (GroupNorm(1, C), §6.
            channels: int,  # channels to normalise
           ) -> nn.Module:
     "The normalisation layer of a pre-activation ResNet."
-    if norm == "batch":
+    if check_choice("norm", norm, NORMS) == "batch":
         return nn.BatchNorm2d(channels)
-    if norm == "layer":
-        return nn.GroupNorm(1, channels)
-    raise ValueError(f"unknown norm {norm!r}: use one of {NORMS}")
+    return nn.GroupNorm(1, channels)
 
 # %% ../chapters/a2_models.ipynb #6e95aa13
 class BasicBlock(nn.Module):
@@ -99,15 +104,13 @@ def _shortcut(inplanes, outplanes, stride):
 BLOCKS = ("auto", "basic", "bottleneck")
 
 def _blocks_per_stage(depth, block="auto"):
-    if block not in BLOCKS:
-        raise ValueError(f"unknown block {block!r}: use one of {BLOCKS}")
-    if block == "bottleneck" or (block == "auto" and depth >= 44):
-        if depth < 11 or (depth - 2) % 9:
-            raise ValueError(f"depth {depth} with bottleneck blocks (the default from depth 44) must be 9n+2 >= 11 (e.g. 56, 110)")
-        return Bottleneck, (depth - 2) // 9
-    if depth < 8 or (depth - 2) % 6:
-        raise ValueError(f"depth {depth} with basic blocks (the default below depth 44) must be 6n+2 >= 8 (e.g. 8, 20, 32)")
-    return BasicBlock, (depth - 2) // 6
+    bottleneck = check_choice("block", block, BLOCKS) == "bottleneck" or (block == "auto" and depth >= 44)
+    cls, step, low, kind, examples = ((Bottleneck, 9, 11, "bottleneck blocks (the default from depth 44)", "56, 110")
+                                      if bottleneck else
+                                      (BasicBlock, 6, 8, "basic blocks (the default below depth 44)", "8, 20, 32"))
+    if depth < low or (depth - 2) % step:
+        raise ValueError(f"depth {depth} with {kind} must be {step}n+2 >= {low} (e.g. {examples})")
+    return cls, (depth - 2) // step
 
 # %% ../chapters/a2_models.ipynb #7a153e51
 class PreResNet(nn.Module):
@@ -122,8 +125,7 @@ class PreResNet(nn.Module):
                  block: str = "auto",  # "auto" (the authors' rule: bottleneck from depth 44), "basic" or "bottleneck"
                 ):
         super().__init__()
-        if width < 1 or num_classes < 1 or in_channels < 1:
-            raise ValueError(f"width ({width}), num_classes ({num_classes}), in_channels ({in_channels}) must be >= 1")
+        _check_sizes(width=width, num_classes=num_classes, in_channels=in_channels)
         block, n = _blocks_per_stage(depth, block)
         norm2d(norm, 1)  # validates norm before building anything
         self.depth, self.norm, self.width, self.block = depth, norm, width, block.__name__
@@ -219,8 +221,7 @@ def vgg16(num_classes: int = 100,  # output logits
           in_channels: int = 3,  # image channels
          ) -> nn.Sequential:
     "VGG-16 for 32x32 inputs, as in the authors' code (App. C.2); dropout 0.5 in the classifier."
-    if num_classes < 1 or in_channels < 1:
-        raise ValueError(f"num_classes ({num_classes}) and in_channels ({in_channels}) must be >= 1")
+    _check_sizes(num_classes=num_classes, in_channels=in_channels)
     layers, c = [], in_channels
     for v in VGG16_CFG:
         if v == "M":
@@ -243,6 +244,4 @@ def get_model(name: str,  # one of MODELS: lenet5, resnet20, resnet56, resnet110
               **kwargs,  # passed to the constructor (num_classes, norm, width, depth, ...)
              ) -> nn.Module:
     "Build a model by name; the caller seeds the global RNG first."
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}: valid names are {sorted(MODELS)}")
-    return MODELS[name](**kwargs)
+    return MODELS[check_choice("model", name, sorted(MODELS))](**kwargs)

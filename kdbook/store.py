@@ -10,7 +10,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import numbers
 import os
 import platform
 import re
@@ -38,11 +37,10 @@ def canonical_json(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 # %% auto #0
-__all__ = ['RECORD_FIELDS', 'META_FIELDS', 'RESERVED_NAMES', 'MAX_NAME_LEN', 'FILE_MODE', 'logger', 'LEDGER_HEADER',
-           'OVERVIEW_HEADER', 'canonical_json', 'check_name', 'check_seed', 'run_key', 'numeric_form',
-           'record_checksum', 'file_sha256', 'atomic_write_bytes', 'file_lock', 'git_revision', 'package_versions',
-           'thread_count', 'device_name', 'Store', 'save_checkpoint', 'load_checkpoint', 'WeightsError', 'chapter_plan',
-           'html_table', 'store_overview', 'ledger']
+__all__ = ['RECORD_FIELDS', 'META_FIELDS', 'RESERVED_NAMES', 'MAX_NAME_LEN', 'FILE_MODE', 'logger', 'canonical_json',
+           'check_name', 'check_seed', 'run_key', 'numeric_form', 'record_checksum', 'file_sha256',
+           'atomic_write_bytes', 'file_lock', 'git_revision', 'package_versions', 'thread_count', 'device_name',
+           'Store', 'save_safetensors', 'load_safetensors', 'WeightsError']
 
 # %% ../chapters/a3b_store.ipynb #a9495991
 def _check_keys(what: str, obj, where: str = ""):
@@ -80,9 +78,8 @@ def check_name(name: str) -> str:
 # %% ../chapters/a3b_store.ipynb #6d0a91b3
 def check_seed(seed) -> int:
     "A seed is an integer >= 0 (not a bool, not a float)."
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r} ({type(seed).__name__})")
-    return int(seed)
+    from kdbook.checks import check_number  # imported here: it imports torch, and reading the store needs none
+    return check_number("seed", seed, low=0, integer=True)
 
 # %% ../chapters/a3b_store.ipynb #1b9b92ee
 def run_key(name: str,  # the experiment's name, e.g. "a3-teacher"
@@ -141,10 +138,9 @@ def atomic_write_bytes(path, data: bytes) -> Path:
             os.fsync(f.fileno())
         os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    finally:
+        if os.path.exists(tmp):  # only when writing failed: os.replace moved it otherwise
             os.unlink(tmp)
-        raise
     return path
 
 # %% ../chapters/a3b_store.ipynb #2e5907b1
@@ -308,18 +304,17 @@ class Store:
     @staticmethod
     def depends_of(records) -> dict:
         "{'<name>/<key>': checksum} of the records a run was computed from."
-        if isinstance(records, (str, bytes, dict)) or not hasattr(records, "__iter__"):
-            what = "a single record" if isinstance(records, dict) else f"a {type(records).__name__} ({records!r:.60})"
-            raise ValueError(f"depends= must be a list of store records (the dicts Store.run returns), got {what}; "
-                             "pass depends=[teacher_record] (a list, even for one record)")
-        out = {}
-        for r in records:
-            if not isinstance(r, dict) or not all(f in r for f in ("name", "key", "checksum")):
-                raise ValueError("depends= must be a list of store records (dicts with name, key and checksum, as "
-                                 f"Store.run returns), got an item of type {type(r).__name__} ({r!r:.60}); pass the "
-                                 "records themselves, not their keys or names")
-            out[f"{r['name']}/{r['key']}"] = r["checksum"]
-        return out
+        listed = not isinstance(records, (str, bytes, dict)) and hasattr(records, "__iter__")
+        items = list(records) if listed else []
+        bad = next((r for r in items if not isinstance(r, dict) or not all(f in r for f in ("name", "key", "checksum"))), None)
+        if not listed or bad is not None:
+            what = ("a single record" if not listed and isinstance(records, dict) else
+                    f"a {type(records).__name__} ({records!r:.60})" if not listed else
+                    f"an item of type {type(bad).__name__} ({bad!r:.60}), not a record: pass the records themselves, "
+                    "not their keys or names")
+            raise ValueError(f"depends= must be a list of store records (dicts with name, key and checksum, as "
+                             f"Store.run returns), got {what}; pass depends=[teacher_record] (a list, even for one record)")
+        return {f"{r['name']}/{r['key']}": r["checksum"] for r in items}
 
     @staticmethod
     def _write(path: Path, record: dict):
@@ -335,16 +330,24 @@ def load(self: Store, name: str, params: dict, seed: int) -> dict | None:
     params = _check_json("params", params)
     run_key(name, params, seed)
     key, params = self._home(name, params, check_seed(seed))
-    return self._read(self.root / name / f"{key}.json", name, key, params, seed)
+    return self._read(self._record_file(name, key), name, key, params, seed)
 
 # %% ../chapters/a3b_store.ipynb #0b1e13c7
 @patch
-def _read(self: Store, path: Path, name, key, params=None, seed=None, quiet: bool = False) -> dict | None:
-    if not path.exists():
-        return None
+def _record_file(self: Store, name: str, key: str) -> Path:
+    "The record file of run `key` of `name`; a folder standing there is an error (no record could be written)."
+    path = self.root / name / f"{key}.json"
     if path.is_dir():
         raise IsADirectoryError(f"store: {path} is a folder, but the record file of run {name} {key} belongs "
                                 "there: move or delete that folder, then run again")
+    return path
+
+# %% ../chapters/a3b_store.ipynb #4411b747
+@patch
+def _read(self: Store, path: Path, name, key, params=None, seed=None, quiet: bool = False) -> dict | None:
+    "The valid record at `path`, or None (a damaged one is reported). Trusts its callers: `path` is not a folder."
+    if not path.exists():
+        return None
     try:
         record = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -465,27 +468,25 @@ def run(self: Store, name: str,  # the experiment's name (a folder of the store)
         depends=(),  # records this run was computed from (e.g. its teacher's): a stored record from others is stale
         ) -> dict:
     "The record of a run: stored if valid (and computed from `depends`), else computed by fn() and stored atomically."
+    if not callable(fn):
+        raise ValueError(f"fn must be a function returning the result dict, got {type(fn).__name__}")
     return self._run(name, params, lambda key: fn(), seed, force, depends)
 
 # %% ../chapters/a3b_store.ipynb #188902ed
 @patch
 def _run(self: Store, name, params, make, seed, force=False, depends=()) -> dict:
-    "Store.run with make(key) -> result (the key the record will have): compute-or-reuse under the run's lock."
+    """Store.run with make(key) -> result (the key the record will have): compute-or-reuse under the run's lock.
+    Trusts its callers (Store.run, Store.run_model) to pass a callable `make`."""
     params = _check_json("params", params)
     run_key(name, params, seed)
     seed = check_seed(seed)
-    if not callable(make):
-        raise ValueError(f"fn must be a function returning the result dict, got {type(make).__name__}")
     if not isinstance(depends, (str, bytes, dict)) and hasattr(depends, "__iter__"):
         depends = list(depends)  # a generator is read once
     deps = self.depends_of(depends)  # checks `depends` first: a clear error before anything else
     sources, depends = depends, deps
     with self._locked(name, params, seed) as readonly:
         key, params = self._home(name, params, seed)
-        path = self.root / name / f"{key}.json"
-        if path.is_dir():
-            raise IsADirectoryError(f"store: {path} is a folder, but the record file of run {name} {key} belongs "
-                                    "there: move or delete that folder, then run again")
+        path = self._record_file(name, key)
         if not force:
             record = self._read(path, name, key, params, seed)
             if record is not None and depends:
@@ -553,19 +554,19 @@ def checkpoint_path(self: Store, name: str) -> Path:
 @patch
 def save_checkpoint(self: Store, name: str, model_or_state, metadata: dict | None = None) -> Path:
     "Save a model's weights (safetensors) under the checkpoints folder."
-    return save_checkpoint(model_or_state, self.checkpoint_path(name), metadata)
+    return save_safetensors(model_or_state, self.checkpoint_path(name), metadata)
 
 # %% ../chapters/a3b_store.ipynb #ffac0f94
 @patch
 def load_checkpoint(self: Store, name: str, model=None):
     "Load weights saved by save_checkpoint; into `model` if given (returned), else the state dict."
-    return load_checkpoint(self.checkpoint_path(name), model)
+    return load_safetensors(self.checkpoint_path(name), model)
 
 # %% ../chapters/a3b_store.ipynb #28ed5959
-def save_checkpoint(model_or_state,  # an nn.Module or a state dict of tensors
-                    path,  # the .safetensors file to write (atomically)
-                    metadata: dict | None = None,  # str -> str notes stored in the file's header
-                    ) -> Path:
+def save_safetensors(model_or_state,  # an nn.Module or a state dict of tensors
+                     path,  # the .safetensors file to write (atomically)
+                     metadata: dict | None = None,  # str -> str notes stored in the file's header
+                     ) -> Path:
     "Write weights to a safetensors file (CPU, contiguous copies)."
     from safetensors.torch import save
     state = model_or_state.state_dict() if hasattr(model_or_state, "state_dict") else model_or_state
@@ -573,9 +574,9 @@ def save_checkpoint(model_or_state,  # an nn.Module or a state dict of tensors
     return atomic_write_bytes(path, save(tensors, metadata={str(k): str(v) for k, v in (metadata or {}).items()}))
 
 # %% ../chapters/a3b_store.ipynb #2adef538
-def load_checkpoint(path,  # a .safetensors file written by save_checkpoint
-                    model=None,  # load the weights into this module (strictly) and return it
-                    ):
+def load_safetensors(path,  # a .safetensors file written by save_safetensors
+                     model=None,  # load the weights into this module (strictly) and return it
+                     ):
     "Read a safetensors checkpoint: the state dict, or `model` with the weights loaded."
     from safetensors.torch import load_file
     path = Path(path)
@@ -712,83 +713,3 @@ def run_model(self: Store, name: str,  # the experiment's name
             record = self._run(name, params, make, seed, force=True, depends=depends)
             return record, self.load_weights(name, record["key"], trained["model"], record["result"]["weights"]["sha256"])
 
-
-# %% ../chapters/a3b_store.ipynb #e4a1d2c3
-def chapter_plan(root,  # the book's repository (holds profiles.yml)
-                 ) -> dict:
-    "profiles.yml: {'default': profile, 'chapters': {stem: {'published', 'target', 'stores'}}} (plain form: both the same)."
-    import yaml
-    path = Path(root) / "profiles.yml"
-    spec = (yaml.safe_load(path.read_text()) if path.exists() else None) or {}
-    default = spec.get("default", "smoke")
-    chapters = {}
-    for stem, value in (spec.get("chapters") or {}).items():
-        value = value if isinstance(value, dict) else {"published": value}
-        published = value.get("published", default)
-        chapters[stem] = {"published": published, "target": value.get("target", published),
-                          "stores": list(value.get("stores") or [])}
-    return {"default": default, "chapters": chapters}
-
-# %% ../chapters/a3b_store.ipynb #c4e582ae
-def html_table(header: list,  # column names
-               rows: list,  # one list of cells per row (str, int, float or None)
-               caption: str | None = None,  # shown above the table
-               digits: int = 3,  # decimals of floats
-               ):
-    "An HTML table (IPython.display.HTML): renders as a table in Jupyter and in the book, whatever its markdown flavour."
-    from html import escape
-    from IPython.display import HTML
-
-    def cell(v):
-        return "—" if v is None else f"{v:.{digits}f}" if isinstance(v, float) else escape(str(v))
-
-    head = "".join(f"<th>{escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-    cap = f"<caption>{escape(caption)}</caption>" if caption else ""
-    return HTML(f'<table class="kdbook-table">{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
-
-# %% ../chapters/a3b_store.ipynb #356e680f
-def store_overview(records: list) -> list:
-    "Rows (name, profile, device, records, compute minutes, newest record, its revision) of a store's records."
-    groups = {}
-    for r in records:
-        m = r["meta"]
-        groups.setdefault((r["name"], m.get("profile") or "not recorded", m["device"]), []).append(r)
-    rows = []
-    for (name, profile, device), recs in sorted(groups.items()):
-        newest = max(recs, key=lambda r: r["meta"]["created"])
-        rows.append([name, profile, device, len(recs), sum(r["meta"]["wall_time_s"] for r in recs) / 60,
-                     newest["meta"]["created"][:10], newest["meta"]["git_rev"][:8]])
-    return rows
-
-# %% ../chapters/a3b_store.ipynb #156369b7
-def _on_gpu(record) -> bool:
-    return str(record["meta"]["device"]).startswith("cuda")
-
-# %% ../chapters/a3b_store.ipynb #4203e4be
-def ledger(records: list,  # valid store records (Store.records())
-           plan: dict,  # chapter_plan(root)
-           ) -> list:
-    "Per chapter with stored runs: runs and GPU-minutes at quick and paper, measured on CUDA; 'owed' where none is."
-    rows = []
-    for stem, spec in plan["chapters"].items():
-        if not spec["stores"]:
-            continue
-        mine = [r for r in records if r["name"] in spec["stores"]]
-        row = [stem, spec["published"], spec["target"]]
-        for profile in ("quick", "paper"):
-            gpu = [r for r in mine if r["meta"].get("profile") == profile and _on_gpu(r)]
-            cpu = [r for r in mine if r["meta"].get("profile") == profile and not _on_gpu(r)]
-            if gpu:
-                row.append(f"{len(gpu)} runs, {sum(r['meta']['wall_time_s'] for r in gpu) / 60:.1f} GPU-min")
-            elif cpu:
-                row.append(f"owed on a GPU ({len(cpu)} runs on CPU, {sum(r['meta']['wall_time_s'] for r in cpu) / 60:.1f} CPU-min)")
-            else:
-                row.append("owed")
-        row.append(sum(1 for r in mine if "profile" not in r["meta"]))
-        rows.append(row)
-    return rows
-
-
-LEDGER_HEADER = ["chapter", "published", "target", "quick", "paper", "records without a recorded profile"]
-OVERVIEW_HEADER = ["experiment", "profile", "device", "records", "compute (min)", "newest", "revision"]

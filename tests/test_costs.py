@@ -26,7 +26,7 @@ def test_unit_functions():
     assert gan_s(1000, amp=True) < gan_s(1000)
     with pytest.raises(ValueError, match="no unit cost"):
         student_s(10, 1, arch="lenet9")
-    with pytest.raises(ValueError, match="m >= 1"):
+    with pytest.raises(ValueError, match="m must be >= 1, got 0"):
         student_s(10, 0)
 
 
@@ -46,6 +46,17 @@ def test_every_owed_chapter_has_a_plan():
         if spec["plan"]:
             assert stem in toc_order(ROOT), f"{stem} has a plan but is not in _toc.yml"
             load_plan(spec["plan"])
+
+
+@pytest.mark.parametrize("profile", ["quick", "paper"])
+def test_every_plan_returns_items(profile):
+    "plans() trusts the chapters' gpu_plan functions to return Items; this is where that is checked."
+    fields = ("chapter", "what", "seconds", "key", "basis")
+    for stem, spec in chapter_specs(ROOT).items():
+        if spec["plan"]:
+            for it in load_plan(spec["plan"])(profile):
+                assert all(hasattr(it, f) for f in fields), f"{spec['plan']} returned {type(it).__name__}, not an Item"
+                assert it.chapter == stem, f"{spec['plan']} returned an Item of {it.chapter}, not of {stem}"
 
 
 @pytest.fixture(scope="module")

@@ -196,9 +196,9 @@ def test_env_var_is_used(tmp_path, monkeypatch, tiny_cifar):
 
 # ---------- errors ----------
 def test_unknown_name_and_split():
-    with pytest.raises(ValueError, match="valid names: mnist, emnist, fashion_mnist, cifar10, cifar100, svhn"):
+    with pytest.raises(ValueError, match="choose one of 'mnist', 'emnist', 'fashion_mnist', 'cifar10', 'cifar100', 'svhn'"):
         load_dataset("imagenet", "train")
-    with pytest.raises(ValueError, match="valid splits: train, test"):
+    with pytest.raises(ValueError, match="unknown split 'validation'; choose one of 'train', 'test'"):
         load_dataset("mnist", "validation")
 
 

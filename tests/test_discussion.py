@@ -10,7 +10,8 @@ import pytest
 
 from kdbook.experiments.findings import (FINDINGS, MNIST_STUDENT_LR, README_END, README_START, VERDICTS, chapter_state,
                              cost_summary, readme_summary, record_profile, update_readme, verdict_rows)
-from kdbook.store import Store, chapter_plan
+from kdbook.costs import chapter_plan
+from kdbook.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from kdbook.store import META_FIELDS, Store, load_checkpoint, record_checksum, run_key, save_checkpoint
+from kdbook.store import META_FIELDS, Store, load_safetensors, record_checksum, run_key, save_safetensors
 
 
 class Counter:
@@ -116,8 +116,8 @@ def test_checkpoints(tmp_path):
     store.load_checkpoint("net", other)
     for a, b in zip(net.state_dict().values(), other.state_dict().values()):
         assert torch.equal(a, b)
-    explicit = save_checkpoint(net, tmp_path / "x.safetensors")
-    assert set(load_checkpoint(explicit)) == set(net.state_dict())
+    explicit = save_safetensors(net, tmp_path / "x.safetensors")
+    assert set(load_safetensors(explicit)) == set(net.state_dict())
     with pytest.raises(ValueError, match="no checkpoint"):
         store.load_checkpoint("missing")
 
@@ -457,3 +457,10 @@ def test_two_processes_writing_one_key(tmp_path, force):
     if not force:  # both processes got the one training's record
         assert {float(o[0].strip()) for o in outs} == {rec["result"]["tag"]}
     assert not list(tmp_path.rglob("*.lock")) and not list(tmp_path.rglob("*.tmp"))
+
+
+def test_fn_that_is_not_a_function_is_refused_before_anything_is_written(tmp_path):
+    store = Store(tmp_path)
+    with pytest.raises(ValueError, match="fn must be a function returning the result dict, got NoneType"):
+        store.run("exp", {"lr": 0.1}, None, seed=0)
+    assert not (tmp_path / "exp").exists()

@@ -49,7 +49,7 @@ def test_slider_stack_embeds_in_standalone_html(tmp_path):
 
 
 @pytest.mark.parametrize("views,kwargs,message", [
-    ({}, {}, "non-empty"), ({1: "x"}, {}, "PNG bytes"), ({1: b"\x89PNG"}, dict(initial=7), "not one of")])
+    ({}, {}, "non-empty"), ({1: "x"}, {}, "PNG bytes"), ({1: b"\x89PNG"}, dict(initial=7), "unknown initial slider value 7; choose one of 1")])
 def test_slider_stack_rejects_bad_input(views, kwargs, message):
     with pytest.raises(ValueError, match=message):
         slider_stack(views, **kwargs)
@@ -145,5 +145,5 @@ def test_panel_grid_keeps_at_most_two_panels_a_row():
     fig, axes = panel_grid(3, max_cols=1, panel_size=(5.0, 3.0))
     assert tuple(fig.get_size_inches()) == (5.0, 9.0)
     plt.close(fig)
-    with pytest.raises(ValueError, match="n >= 1"):
+    with pytest.raises(ValueError, match="must be an integer >= 1"):
         panel_grid(0)

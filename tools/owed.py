@@ -104,7 +104,9 @@ def toc_stems(root: Path) -> list[str]:
 
 def read_plan(root: Path) -> dict:
     "profiles.yml, validated: {'default', 'chapters': {stem: {published, target, stores}}}."
-    plan = _kdbook(root).chapter_plan(root)
+    _kdbook(root)  # puts the repository on sys.path
+    from kdbook.costs import chapter_plan
+    plan = chapter_plan(root)
     for stem, spec in plan["chapters"].items():
         for field in ("published", "target"):
             if spec[field] not in PROFILES:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..store import Store, chapter_plan
+from ..costs import chapter_plan
+from ..store import Store
 
 VERDICTS = ("confirmed", "contradicted", "inconclusive", "owed")
 PAPER_GPU_HOURS = 1000.0  # the authors' estimate for all of the paper's experiments (its NeurIPS checklist)
