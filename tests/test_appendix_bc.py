@@ -33,7 +33,7 @@ def test_settings_fill_none_only():
     for k, v in (("n_trials", 0), ("n_train", 0), ("n_trials", False), ("taus", [])):
         with pytest.raises(ValueError, match=k):
             b_setup("quick", **{k: v})
-    with pytest.raises(ValueError, match="unknown setting 'tau'"):
+    with pytest.raises(ValueError, match="unknown parameter of Appendix B: tau"):
         b_setup("quick", tau=4)
     assert len(b_points(b_setup("quick"))) == len(set(b_points(b_setup("quick"))))
     assert c_setup("smoke", alphas=[0, 0.25])["alphas"] == (0.0, 0.25)

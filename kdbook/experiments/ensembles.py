@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checks import check_choice, check_number
+from ..checks import check_choice, check_number, check_params
 from ..data import ImageSet, load_dataset, stratified_subset
 from ..models import VGG16_CFG
 from .policies import summarize
@@ -139,9 +139,7 @@ def b_setup(profile: str,  # "smoke", "quick" or "paper"
             ) -> dict:
     "The setting of Appendix B at `profile` (B_SETUP), with the chapter's non-None parameters applied and checked."
     S = dict(B_SETUP[check_choice("profile", profile, PROFILES)])
-    unknown = sorted(set(overrides) - set(S))
-    if unknown:
-        raise ValueError(f"unknown setting {unknown[0]!r} of Appendix B: valid ones are {', '.join(S)}")
+    check_params(overrides, S, where="Appendix B")
     S.update({k: v for k, v in overrides.items() if v is not None})
     for k in ("n_train", "n_test", "n_trials"):
         check_number(k, S[k], 2 if k == "n_trials" else 1, integer=True,
