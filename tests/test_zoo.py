@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdbook.data import ImageSet
 from kdbook.store import Store
-from kdbook.experiments.zoo import (ENSEMBLE_SIZES, STUDENT_NAME, ZOO_NAME, Recipe, check_ensemble_size, check_synthetic_sizes,
+from kdbook.experiments.zoo import (ENSEMBLE_SIZES, STUDENT_NAME, ZOO_NAME, Recipe, baseline_students, check_ensemble_size,
+                        check_synthetic_sizes, fig1_students, no_synthetic,
                         distill_student, gpu_minutes, mixup_standin, student_recipe, synthetic_subset, teacher_recipe,
                         toy_cifar100, zoo_ensemble, zoo_params, zoo_teachers)
 
@@ -30,6 +30,26 @@ def test_paper_recipes_follow_appendix_a3():
     assert cfg.nesterov and cfg.momentum == 0.9 and cfg.policy == "baseline"
     with pytest.raises(ValueError, match="unknown profile"):
         teacher_recipe("fast")
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(width=0), "Recipe.width must be an integer >= 1"),
+                                          (dict(batch_size=0), "batch_size"),
+                                          (dict(arch="resnet57"), "unknown architecture 'resnet57'")])
+def test_bad_recipes_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Recipe(**kwargs)
+
+
+def test_unknown_student_kinds_are_refused_before_training(tmp_path, data):
+    store = Store(tmp_path / "results", verbose=False)
+    train, test = data
+    with pytest.raises(ValueError, match="unknown kind 'twin'"):
+        fig1_students(store, [], "twin", train, test, None, no_synthetic(), "smoke", 2)
+    with pytest.raises(ValueError, match="m = 1 and m = 3"):
+        baseline_students(store, [], train, test, "smoke", m=5)
+    with pytest.raises(ValueError, match="2 self-distillation trials need 2 zoo teachers, got 0"):
+        fig1_students(store, [], "self", train, test, None, no_synthetic(), "smoke", 2)
+    assert files(tmp_path) == []
 
 
 def test_zoo_key_depends_on_recipe_and_data_not_on_device(data):
