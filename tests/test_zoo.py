@@ -4,19 +4,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kdbook.data import ImageSet
 from kdbook.store import Store
-from kdbook.experiments.zoo import (ENSEMBLE_SIZES, STUDENT_NAME, ZOO_NAME, Recipe, check_ensemble_size, check_synthetic_sizes,
+from kdbook.experiments.zoo import (ENSEMBLE_SIZES, STUDENT_NAME, ZOO_NAME, Recipe, baseline_students, check_ensemble_size,
+                        check_synthetic_sizes, fig1_students, no_synthetic,
                         distill_student, gpu_minutes, mixup_standin, student_recipe, synthetic_subset, teacher_recipe,
-                        zoo_ensemble, zoo_params, zoo_teachers)
+                        toy_cifar100, zoo_ensemble, zoo_params, zoo_teachers)
 
 TINY = Recipe(width=2, epochs=1, batch_size=16)
-
-
-def toy(n: int, seed: int) -> ImageSet:
-    g = torch.Generator().manual_seed(seed)
-    return ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(n) % 100,
-                    [str(i) for i in range(100)], "toy", "random pixels")
 
 
 def files(root: Path) -> list:
@@ -25,7 +19,7 @@ def files(root: Path) -> list:
 
 @pytest.fixture(scope="module")
 def data():
-    return toy(32, 0), toy(16, 1)
+    return toy_cifar100(32, 0), toy_cifar100(16, 1)
 
 
 def test_paper_recipes_follow_appendix_a3():
@@ -38,13 +32,33 @@ def test_paper_recipes_follow_appendix_a3():
         teacher_recipe("fast")
 
 
+@pytest.mark.parametrize("kwargs,match", [(dict(width=0), "Recipe.width must be an integer >= 1"),
+                                          (dict(batch_size=0), "batch_size"),
+                                          (dict(arch="resnet57"), "unknown architecture 'resnet57'")])
+def test_bad_recipes_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Recipe(**kwargs)
+
+
+def test_unknown_student_kinds_are_refused_before_training(tmp_path, data):
+    store = Store(tmp_path / "results", verbose=False)
+    train, test = data
+    with pytest.raises(ValueError, match="unknown kind 'twin'"):
+        fig1_students(store, [], "twin", train, test, None, no_synthetic(), "smoke", 2)
+    with pytest.raises(ValueError, match="m = 1 and m = 3"):
+        baseline_students(store, [], train, test, "smoke", m=5)
+    with pytest.raises(ValueError, match="2 self-distillation trials need 2 zoo teachers, got 0"):
+        fig1_students(store, [], "self", train, test, None, no_synthetic(), "smoke", 2)
+    assert files(tmp_path) == []
+
+
 def test_zoo_key_depends_on_recipe_and_data_not_on_device(data):
     train, test = data
     p = zoo_params(TINY, train, test)
     assert "device" not in str(p) and "packed" not in str(p)
     assert zoo_params(TINY, train, test) == p
     assert zoo_params(Recipe(width=2, epochs=2, batch_size=16), train, test) != p
-    assert zoo_params(TINY, toy(32, 5), test) != p  # other images, other teacher
+    assert zoo_params(TINY, toy_cifar100(32, 5), test) != p  # other images, other teacher
 
 
 def test_packed_and_alone_give_the_same_store_keys(tmp_path, data):
@@ -88,9 +102,11 @@ def test_known_ensemble_sizes_take_the_first_members():
 def test_synthetic_size_larger_than_generated_is_refused(tmp_path, data):
     train, test = data
     images = mixup_standin(train, 10, seed=0)
-    with pytest.raises(ValueError, match=r"\[20\] exceed the 10 synthetic images"):
+    with pytest.raises(ValueError, match=r"must be an integer in \[0, 10\], got 20; only 10 synthetic images were generated"):
         check_synthetic_sizes([0, 5, 20], len(images))
-    with pytest.raises(ValueError, match="exceed"):
+    with pytest.raises(ValueError, match=r"must be an integer in \[0, 10\], got -1"):
+        check_synthetic_sizes([0, -1], len(images))
+    with pytest.raises(ValueError, match="only 10 synthetic images were generated"):
         synthetic_subset(images, 11, "stand-in", train.classes)
     with pytest.raises(ValueError, match="non-empty"):
         check_synthetic_sizes([], 10)
@@ -156,7 +172,7 @@ def test_chapter_refuses_a_synthetic_size_beyond_the_stored_gan_set(tmp_path):
               lambda: {"synthetic_set": save_synthetic_set(store, "gan-synthetic", key, images), "sizes": [10]}, 0)
     before = files(tmp_path / "results")
     error = _run_chapter(tmp_path, results_dir=str(tmp_path / "results"), synthetic_sizes=[0, 64])
-    assert "ValueError" in error and "[64] exceed the 10 synthetic images" in error
+    assert "ValueError" in error and "got 64; only 10 synthetic images were generated" in error
     assert files(tmp_path / "results") == before  # no teacher, no student, nothing half-written
 
 

@@ -15,16 +15,26 @@ import numpy as np
 import torch
 from IPython.display import HTML
 
+from ..checks import check_number
 from ..losses import check_alpha, check_tau
 from ..viz import panel_grid, plot_curve_with_band
 
 # %% ../../chapters/21_mnist.ipynb #2be4b0f6
-def _as_int_array(x, name: str) -> np.ndarray:
-    a = np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x)
-    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
-        raise ValueError(f"{name} must be a 1-d array of integer class indices, got shape {a.shape} dtype {a.dtype}; "
-                         "pass logits.argmax(1) for predictions")
-    return a.astype(np.int64)
+def _class_arrays(num_classes: int | None = None,  # C: every entry must lie in 0..C-1 (None: any integer)
+                  **arrays,  # name -> class indices (array or tensor)
+                  ) -> list:
+    "The arrays as int64, or one ValueError unless all are 1-d integer class indices of the same length (in 0..C-1)."
+    out = {k: np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x) for k, x in arrays.items()}
+    ok = all(a.ndim == 1 and np.issubdtype(a.dtype, np.integer) for a in out.values()) and len({a.shape for a in out.values()}) == 1
+    if ok and num_classes is not None:
+        ok = all(a.size == 0 or (a.min() >= 0 and a.max() < num_classes) for a in out.values())
+    if not ok:
+        got = ", ".join(f"{k} {a.shape} {a.dtype}" + (f" in {a.min()}..{a.max()}" if a.size and a.ndim == 1 else "")
+                        for k, a in out.items())
+        within = f" in 0..{num_classes - 1} (check num_classes)" if num_classes is not None else ""
+        raise ValueError(f"{', '.join(out)} must be 1-d arrays of integer class indices{within} of the same length, "
+                         f"got {got}; pass logits.argmax(1) for predictions")
+    return [a.astype(np.int64) for a in out.values()]
 
 # %% ../../chapters/21_mnist.ipynb #bc00c364
 def confusion_matrix(labels,  # true classes, (n,) ints
@@ -32,12 +42,7 @@ def confusion_matrix(labels,  # true classes, (n,) ints
                      num_classes: int,  # C; classes are 0..C-1
                     ) -> np.ndarray:
     "(C, C) counts: entry [i, j] is the number of examples of true class i predicted as j."
-    labels, preds = _as_int_array(labels, "labels"), _as_int_array(preds, "preds")
-    if labels.shape != preds.shape:
-        raise ValueError(f"labels {labels.shape} and preds {preds.shape} must have the same length")
-    for name, a in (("labels", labels), ("preds", preds)):
-        if a.size and (a.min() < 0 or a.max() >= num_classes):
-            raise ValueError(f"{name} must lie in 0..{num_classes - 1}; check num_classes")
+    labels, preds = _class_arrays(num_classes, labels=labels, preds=preds)
     return np.bincount(labels * num_classes + preds, minlength=num_classes**2).reshape(num_classes, num_classes)
 
 # %% ../../chapters/21_mnist.ipynb #66eff4ac
@@ -84,10 +89,7 @@ def error_overlap(labels,  # true classes, (n,) ints
                   student_preds,  # student's predicted classes, (n,) ints
                  ) -> dict:
     "Share of the student's errors on which the teacher is also wrong (`shared`) and makes the same mistake (`copied`)."
-    y = _as_int_array(labels, "labels")
-    t, s = _as_int_array(teacher_preds, "teacher_preds"), _as_int_array(student_preds, "student_preds")
-    if not (y.shape == t.shape == s.shape):
-        raise ValueError(f"labels {y.shape}, teacher_preds {t.shape}, student_preds {s.shape} must have the same length")
+    y, t, s = _class_arrays(labels=labels, teacher_preds=teacher_preds, student_preds=student_preds)
     s_err, t_err = s != y, t != y
     n = int(s_err.sum())
     return dict(student_errors=n, teacher_errors=int(t_err.sum()),
@@ -100,9 +102,8 @@ def near_chance(accuracy,  # test accuracy in % (a number or an array of them)
                 factor: float = 2.0,  # "near chance" means below factor × chance
                ):
     "True where a run stalled: its test accuracy (%) is below `factor` times chance."
-    if not (isinstance(num_classes, int) and num_classes >= 2) or not factor > 0:
-        raise ValueError(f"need an integer num_classes >= 2 and factor > 0, got {num_classes!r}, {factor!r}")
-    return np.asarray(accuracy, dtype=float) < factor * 100.0 / num_classes
+    chance = 100.0 / check_number("num_classes", num_classes, low=2, integer=True)
+    return np.asarray(accuracy, dtype=float) < check_number("factor", factor, low=0, low_open=True) * chance
 
 # %% ../../chapters/21_mnist.ipynb #a9de1e25
 def summarize_runs(values,  # (runs, ...) one row per run
@@ -110,11 +111,11 @@ def summarize_runs(values,  # (runs, ...) one row per run
                   ) -> dict:
     "Mean and sample std (ddof = 1) over the runs not flagged: mean, std, n (runs used), n_stalled (runs left out)."
     v = np.asarray(values, dtype=float)
-    if v.ndim == 0 or v.shape[0] == 0:
-        raise ValueError(f"values must have one row per run, got shape {v.shape}")
-    keep = ~np.asarray(stalled, dtype=bool) if stalled is not None else np.ones(v.shape[0], dtype=bool)
-    if keep.shape != (v.shape[0],):
-        raise ValueError(f"stalled has shape {keep.shape}; it needs one flag per run ({v.shape[0]})")
+    runs = v.shape[0] if v.ndim else 0
+    keep = ~np.asarray(stalled, dtype=bool) if stalled is not None else np.ones(runs, dtype=bool)
+    if runs == 0 or keep.shape != (runs,):
+        raise ValueError(f"values need one row per run and stalled one flag per run, got values of shape {v.shape} "
+                         f"and stalled of shape {keep.shape}")
     used, nan = v[keep], np.full(v.shape[1:], np.nan)
     mean = used.mean(0) if len(used) else nan
     std = used.std(0, ddof=1) if len(used) > 1 else nan

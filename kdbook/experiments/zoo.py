@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..checks import check_choice, check_number
 from ..data import ImageSet, load_dataset, stratified_subset
 from ..engine import data_fingerprint, resolve_device
 from ..packing import can_pack
@@ -20,9 +21,9 @@ from ..train import PROFILES, TrainConfig, distill, evaluate, fit, fit_many, mak
 __all__ = ['ZOO_NAME', 'STUDENT_NAME', 'ENSEMBLE_SIZES', 'ARCHS', 'TEACHER_RECIPES', 'STUDENT_RECIPES', 'ZOO_DATA',
            'SYNTHETIC_SIZES', 'N_TRIALS', 'ZOO_SIZE', 'FIXED_STEPS', 'THROUGHPUT_BASIS', 'CHAPTER', 'Recipe',
            'teacher_recipe', 'student_recipe', 'zoo_data', 'data_tag', 'zoo_params', 'zoo_teachers',
-           'check_ensemble_size', 'zoo_ensemble', 'check_synthetic_sizes', 'synthetic_subset', 'mixup_standin',
-           'student_params', 'distill_student', 'student_recipe_for', 'no_synthetic', 'distill_pack', 'fig1_students',
-           'baseline_students', 'gpu_minutes', 'zoo_item', 'baseline_items', 'gpu_plan']
+           'check_ensemble_size', 'zoo_ensemble', 'toy_cifar100', 'check_synthetic_sizes', 'synthetic_subset',
+           'mixup_standin', 'student_params', 'distill_student', 'student_recipe_for', 'no_synthetic', 'distill_pack',
+           'fig1_students', 'baseline_students', 'gpu_minutes', 'zoo_item', 'baseline_items', 'gpu_plan']
 
 # %% ../../chapters/23_synthetic.ipynb #dfc61613
 ZOO_NAME = "zoo-teacher"  # the store's experiment name of every zoo teacher (chapters of §4.2, §5.1, §5.2 share it)
@@ -45,10 +46,8 @@ class Recipe:
     amp: bool = True  # bf16 autocast on CUDA (ignored on a CPU)
 
     def __post_init__(self):
-        if self.arch not in ARCHS:
-            raise ValueError(f"unknown architecture {self.arch!r} for a zoo teacher or student: use one of {ARCHS}")
-        if not isinstance(self.width, int) or isinstance(self.width, bool) or self.width < 1:
-            raise ValueError(f"Recipe.width must be a positive integer, got {self.width!r}")
+        check_choice("architecture", self.arch, ARCHS, hint="the pre-activation ResNets of a zoo teacher or student")
+        check_number("Recipe.width", self.width, low=1, integer=True)
         self.config()  # TrainConfig validates the rest
 
     def config(self, device: str = "auto", progress: bool = False, checkpoint_every: int = 0) -> TrainConfig:
@@ -89,9 +88,7 @@ FIXED_STEPS = {"smoke": True, "quick": True, "paper": False}
 
 
 def _profile(profile: str) -> str:
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}: valid profiles are {', '.join(PROFILES)}")
-    return profile
+    return check_choice("profile", profile, PROFILES)
 
 # %% ../../chapters/23_synthetic.ipynb #aa64b2da
 def teacher_recipe(profile: str) -> Recipe:
@@ -131,15 +128,11 @@ def zoo_params(recipe: Recipe,  # the teacher recipe
 
 # %% ../../chapters/23_synthetic.ipynb #70542cf8
 def _check_seeds(seeds) -> list:
+    "The seeds as a list, or a ValueError: a non-empty list of distinct integers >= 0, one per teacher or student."
     seeds = list(seeds) if isinstance(seeds, (list, tuple, range)) else seeds
-    if not isinstance(seeds, list) or not seeds:
-        raise ValueError(f"seeds must be a non-empty list of integers >= 0 (one per teacher), got {seeds!r}")
-    for s in seeds:
-        if not isinstance(s, int) or isinstance(s, bool) or s < 0:
-            raise ValueError(f"seeds must be integers >= 0, got {s!r} in {seeds}")
-    if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct (each seed is one teacher), got {seeds}")
-    return seeds
+    if not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be a non-empty list of distinct integers >= 0 (one per teacher), got {seeds!r}")
+    return [check_number("seed", s, low=0, integer=True, hint="seeds must be integers >= 0") for s in seeds]
 
 # %% ../../chapters/23_synthetic.ipynb #544f48bd
 def _has_weights(store, params, seed) -> bool:
@@ -156,7 +149,7 @@ def zoo_teachers(store,  # kdbook.store.Store holding the zoo (experiment ZOO_NA
                  seeds,  # one seed per teacher (its initial weights, data order and augmentation)
                  train: ImageSet,  # labelled training images (see zoo_data)
                  test: ImageSet,  # labelled test images
-                 recipe: Recipe,  # the teacher recipe (see teacher_recipe)
+                 recipe: Recipe,  # the teacher recipe (see teacher_recipe), or its dict
                  device: str = "auto",  # where to train the missing teachers
                  packed: bool = False,  # train the missing teachers together with fit_many (no resumable checkpoint)
                  progress: bool = False,  # tqdm bars while training
@@ -166,8 +159,7 @@ def zoo_teachers(store,  # kdbook.store.Store holding the zoo (experiment ZOO_NA
     The store key is (recipe, data, seed) only, so a teacher trained alone (`fit`, with a resumable checkpoint
     at Store.resume_path) and one trained packed (`fit_many`) are the same stored teacher."""
     seeds = _check_seeds(seeds)
-    if not isinstance(recipe, Recipe):
-        raise ValueError(f"recipe must be a kdbook.experiments.zoo.Recipe (see teacher_recipe), got {type(recipe).__name__}")
+    recipe = recipe if isinstance(recipe, Recipe) else Recipe(**recipe)  # a recipe's dict (as stored) is validated too
     params = zoo_params(recipe, train, test)
     trained = {}
     missing = [s for s in seeds if not _has_weights(store, params, s)]
@@ -201,10 +193,8 @@ def check_ensemble_size(m: int,  # ensemble size asked for
     "m, when it is one of ENSEMBLE_SIZES and the zoo has that many teachers; a clear ValueError otherwise."
     if isinstance(m, bool) or not isinstance(m, int) or m not in ENSEMBLE_SIZES:
         raise ValueError(f"unknown ensemble size {m!r}: the book's teacher ensembles have {ENSEMBLE_SIZES} members")
-    if m > available:
-        raise ValueError(f"an ensemble of {m} needs {m} zoo teachers, but only {available} were given: "
-                         f"ask zoo_teachers for at least {m} seeds")
-    return m
+    return check_number("ensemble size", m, high=available, integer=True, hint=f"an ensemble of {m} needs {m} zoo teachers, but only "
+                        f"{available} were given: ask zoo_teachers for at least {m} seeds")
 
 # %% ../../chapters/23_synthetic.ipynb #e1496fe0
 def zoo_ensemble(zoo: list,  # [(record, model)] from zoo_teachers
@@ -214,6 +204,15 @@ def zoo_ensemble(zoo: list,  # [(record, model)] from zoo_teachers
     check_ensemble_size(m, len(zoo))
     return list(zoo[:m])
 
+# %% ../../chapters/23_synthetic.ipynb #2508ea30
+def toy_cifar100(n: int,  # how many images
+                 seed: int,  # the pixels are a pure function of (n, seed)
+                 ) -> ImageSet:
+    "A tiny labelled CIFAR-shaped set of random pixels (labels 0..99 in turn): the fixture of this module's tests."
+    g = torch.Generator().manual_seed(seed)
+    return ImageSet(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                    torch.arange(n) % 100, [str(i) for i in range(100)], "toy", "random pixels")
+
 # %% ../../chapters/23_synthetic.ipynb #ab5ee1d3
 def check_synthetic_sizes(sizes,  # amounts of synthetic images to add, e.g. [0, 12500, 25000, 37500, 50000]
                           available: int,  # how many synthetic images exist (the largest generated set)
@@ -222,14 +221,9 @@ def check_synthetic_sizes(sizes,  # amounts of synthetic images to add, e.g. [0,
     sizes = list(sizes) if isinstance(sizes, (list, tuple, range)) else sizes
     if not isinstance(sizes, list) or not sizes:
         raise ValueError(f"synthetic sizes must be a non-empty list of image counts, got {sizes!r}")
-    for n in sizes:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"synthetic sizes must be integers >= 0, got {n!r} in {sizes}")
-    too_big = [n for n in sizes if n > available]
-    if too_big:
-        raise ValueError(f"synthetic set size(s) {too_big} exceed the {available:,} synthetic images that were "
-                         f"generated: ask for at most {available:,}, or generate a larger set first")
-    return sizes
+    return [check_number("synthetic size", n, low=0, high=available, integer=True,
+                         hint=f"only {available:,} synthetic images were generated: ask for at most {available:,}, or "
+                         "generate a larger set first") for n in sizes]
 
 # %% ../../chapters/23_synthetic.ipynb #fc32dab5
 def synthetic_subset(images: torch.Tensor,  # uint8 (N, 3, H, W): the largest synthetic set (smaller ones are its prefixes)
@@ -277,6 +271,14 @@ def _fidelity(student, teacher_models, test, device) -> dict:
     z_t = predict_logits(teacher_models if len(teacher_models) > 1 else teacher_models[0], test, device=device)
     return {k: (100 * v if k == "agreement" else v) for k, v in evaluate(z_s, z_t).items()}
 
+# %% ../../chapters/23_synthetic.ipynb #b0e79b5f
+def _synthetic_size(synthetic_images, synthetic: dict) -> int:
+    "How many synthetic images there are, after checking that their key `synthetic` says the same."
+    size = 0 if synthetic_images is None else len(synthetic_images)
+    if synthetic.get("size") != size:
+        raise ValueError(f"synthetic['size'] = {synthetic.get('size')!r} but {size} synthetic images were given")
+    return size
+
 # %% ../../chapters/23_synthetic.ipynb #e9fdcd63
 def distill_student(store,  # kdbook.store.Store
                     teachers: list,  # [(record, model)]: one teacher or an ensemble (zoo_ensemble)
@@ -292,9 +294,7 @@ def distill_student(store,  # kdbook.store.Store
                     depends: list = (),  # further records the student comes from (the synthetic set's)
                     ) -> dict:
     "The stored record of one student distilled (Eq. 1, α = 0) on train + synthetic images, with its final metrics."
-    size = 0 if synthetic_images is None else len(synthetic_images)
-    if synthetic.get("size") != size:
-        raise ValueError(f"synthetic['size'] = {synthetic.get('size')!r} but {size} synthetic images were given")
+    size = _synthetic_size(synthetic_images, synthetic)
     params = student_params(teachers, recipe, train, test, synthetic, tau, controls)
     resume = store.resume_path(STUDENT_NAME, params, seed)
     models = [m for _, m in teachers]
@@ -351,10 +351,7 @@ def distill_pack(store,  # kdbook.store.Store
     """Records of k students of one teacher that see the same batches (those of seeds[0]): the missing ones are
     trained together, `distill_many(..., same_batches=True)`, so the teachers' forward labels all of them at once.
     The key says `batch_seed`, so a student trained alone with that batch seed is the same experiment."""
-    seeds = _check_seeds(seeds)
-    size = 0 if synthetic_images is None else len(synthetic_images)
-    if synthetic.get("size") != size:
-        raise ValueError(f"synthetic['size'] = {synthetic.get('size')!r} but {size} synthetic images were given")
+    seeds, size = _check_seeds(seeds), _synthetic_size(synthetic_images, synthetic)
     models = [m for _, m in teachers]
     params = {s: {**student_params(teachers, recipe, train, test, synthetic, tau), "batch_seed": seeds[0]} for s in seeds}
     deps = [r for r, _ in teachers] + list(depends)
@@ -419,18 +416,20 @@ def fig1_students(store,  # kdbook.store.Store
     size = 0 if synthetic_images is None else len(synthetic_images)
     recipe = student_recipe_for(profile, len(train), size)
     seeds = [seed + 1000 + i for i in range(n_trials)]
+    check_choice("kind", kind, ("self", "ensemble"))
     if kind == "self":
-        if len(zoo) < n_trials:
-            raise ValueError(f"{n_trials} self-distillation trials need {n_trials} zoo teachers, got {len(zoo)}")
+        check_number("n_trials", n_trials, low=1, high=len(zoo), integer=True,
+                     hint=f"{n_trials} self-distillation trials need {n_trials} zoo teachers, got {len(zoo)}")
         return [distill_student(store, [zoo[i]], train, test, synthetic_images, synthetic, recipe, seed=s, tau=tau,
                                 controls=[zoo[(i + 1) % n_trials]], device=device, depends=depends)
                 for i, s in enumerate(seeds)]
-    if kind == "ensemble":
-        return distill_pack(store, zoo_ensemble(zoo, ensemble_size), train, test, synthetic_images, synthetic, recipe,
-                            seeds, tau=tau, device=device, depends=depends)
-    raise ValueError(f"kind must be 'self' or 'ensemble', got {kind!r}")
+    return distill_pack(store, zoo_ensemble(zoo, ensemble_size), train, test, synthetic_images, synthetic, recipe,
+                        seeds, tau=tau, device=device, depends=depends)
 
 # %% ../../chapters/23_synthetic.ipynb #b08291b7
+_BASELINE_HINT = "the shared Baseline students exist for m = 1 and m = 3"
+
+
 def baseline_students(store,  # kdbook.store.Store
                       zoo: list,  # [(record, model)] from zoo_teachers(store, seeds, *zoo_data(profile), teacher_recipe(profile))
                       train: ImageSet,  # zoo_data(profile)[0]
@@ -445,9 +444,7 @@ def baseline_students(store,  # kdbook.store.Store
     """§4.2's +0 students, which are also §5.1's Baseline students (same store name, parameters and seeds):
     m = 1, trial i distils zoo[i]; m = 3, the students of zoo[:3] trained on the same batches."""
     n_trials = n_trials if n_trials is not None else N_TRIALS[profile]
-    kind = {1: "self", 3: "ensemble"}.get(m)
-    if kind is None:
-        raise ValueError(f"the shared Baseline students exist for m = 1 and m = 3, got m = {m!r}")
+    kind = {1: "self", 3: "ensemble"}[check_choice("m", m, (1, 3), hint=_BASELINE_HINT)]
     return fig1_students(store, zoo, kind, train, test, None, no_synthetic(), profile, n_trials, seed=seed, tau=tau,
                          ensemble_size=3, device=device)
 
@@ -514,10 +511,7 @@ def baseline_items(chapter: str,  # the chapter that plans them (e.g. "51_augmen
                    m: int,  # 1 or 3 (see baseline_students)
                    ) -> list:
     "The GPU work of baseline_students(..., m): the same keyed Item §4.2 plans, so the book counts it once."
-    kind = {1: 0, 3: 1}.get(m)
-    if kind is None:
-        raise ValueError(f"the shared Baseline students exist for m = 1 and m = 3, got m = {m!r}")
-    return [_student_items(chapter, profile, 0)[kind]]
+    return [_student_items(chapter, profile, 0)[{1: 0, 3: 1}[check_choice("m", m, (1, 3), hint=_BASELINE_HINT)]]]
 
 # %% ../../chapters/23_synthetic.ipynb #2c47e07f
 def gpu_plan(profile: str,  # "smoke", "quick" or "paper"
