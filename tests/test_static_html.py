@@ -258,9 +258,6 @@ def test_the_figure_scanner_finds_loose_and_unreferenced_figures():
     assert figure_problems(unref) == ["figure 'fig-c' is never referenced ({numref})"]
 
 
-FIGURES_NOT_YET_NAMED = {"23_synthetic.html"}  # owed: glue:figure with a caption
-
-
 @pytest.mark.build
 def test_every_figure_is_named_and_referenced(built_book):
     """Every figure of a chapter is a named MyST figure (glue:figure with :name:) and its page refers to it, so a
@@ -268,10 +265,5 @@ def test_every_figure_is_named_and_referenced(built_book):
     pages = sorted((built_book.html / "chapters").glob("*.html"))
     assert pages, "no chapter pages were built"
     problems = {p.name: found for p in pages if (found := figure_problems(p.read_text(errors="replace")))}
-    # Pages whose figures are not yet named (work still owed on them). The list may only shrink: a listed page that
-    # has become clean fails too, so the list cannot go stale and hide a regression.
-    fixed = sorted(FIGURES_NOT_YET_NAMED - set(problems))
-    assert not fixed, f"{fixed} now name every figure: remove them from FIGURES_NOT_YET_NAMED"
-    problems = {k: v for k, v in problems.items() if k not in FIGURES_NOT_YET_NAMED}
     assert not problems, "figures that are not named and referenced:\n" + "\n".join(
         f"{name}:\n  " + "\n  ".join(found) for name, found in problems.items())
