@@ -60,9 +60,9 @@ def test_split_other_fractions_stay_within_one_per_class():
 
 @pytest.mark.parametrize("bad", [0, 0.0, 1, 1.0, -0.5, 2, float("nan"), float("inf"), True, None, "0.5"])
 def test_fraction_outside_open_interval_is_refused(bad):
-    with pytest.raises(ValueError, match="fraction must lie strictly between 0 and 1"):
+    with pytest.raises(ValueError, match=r"fraction must be (a real number |a finite number )?in \(0, 1\)"):
         check_fraction(bad)
-    with pytest.raises(ValueError, match="fraction must lie strictly between 0 and 1"):
+    with pytest.raises(ValueError, match=r"fraction must be (a real number |a finite number )?in \(0, 1\)"):
         recycling_sets(_set(), 0, bad)
 
 
