@@ -38,7 +38,9 @@ __all__ = ['OPTIMIZERS', 'GROWTH_LIMIT', 'LOSS_FLOOR', 'DEADLINE_MARGIN_S', 'RUN
 
 # %% ../chapters/a3c_engine.ipynb #c3e0d006
 OPTIMIZERS = ("sgd", "adam")
-_FLAGS = ("nesterov", "amp", "channels_last", "cuda_graphs", "progress")
+# the settings of a fixed type: a string such as "no" where a flag belongs would be truthy
+_TYPES = {**{flag: (bool, "True or False") for flag in ("nesterov", "amp", "channels_last", "cuda_graphs", "progress")},
+          "device": (str, "a string such as 'auto', 'cpu' or 'cuda'")}
 # the numeric settings and their ranges (lr_min's upper bound is lr: checked on its own)
 _RANGES = {"epochs": dict(low=1, integer=True), "batch_size": dict(low=1, integer=True),
            "eval_every": dict(low=1, integer=True), "eval_batch_size": dict(low=1, integer=True),
@@ -72,13 +74,11 @@ class TrainConfig:
         for name, bounds in _RANGES.items():
             check_number(f"TrainConfig.{name}", getattr(self, name), **bounds)
         check_number("TrainConfig.lr_min", self.lr_min, low=0, high=self.lr, hint="the schedule falls from lr to lr_min")
-        for name in _FLAGS:  # a string such as "no" would be truthy
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
+        for name, (kind, what) in _TYPES.items():
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(f"TrainConfig.{name} must be {what}, got {getattr(self, name)!r}")
         check_choice("optimizer", self.optimizer, OPTIMIZERS)
         check_choice("augmentation policy", self.policy, POLICIES)
-        if not isinstance(self.device, str):
-            raise ValueError(f"TrainConfig.device must be a string such as 'auto', 'cpu' or 'cuda', got {self.device!r}")
 
     def to_dict(self) -> dict:
         "The settings as a JSON-serialisable dict (for the results store), without `cuda_graphs`."
@@ -200,10 +200,8 @@ class FunctionalOptimizer:
 def ce_terms(z: torch.Tensor,  # (k, B, C) logits of k models
              y: torch.Tensor | None,  # (k, B) labels
              ) -> torch.Tensor:
-    "Per-model mean cross-entropy, shape (k,)."
-    if y is None:
-        raise ValueError("the augmentation policy added unlabelled images to the batch ('ood', 'synthetic'): "
-                         "fit needs a label for every image; use these policies with distill")
+    """Per-model mean cross-entropy, shape (k,). Trusts its caller for `y`: fit, fit_many and distill with alpha > 0
+    refuse the policies that add unlabelled images before any step."""
     k, b, c = z.shape
     return F.cross_entropy(z.reshape(k * b, c), y.reshape(k * b), reduction="none").view(k, b).mean(1)
 
@@ -480,11 +478,11 @@ def load_train_state(path) -> dict:
         wrapper = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is damaged: {remedy}") from e
-    if not isinstance(wrapper, dict) or wrapper.get("format") != "kdbook-checkpoint-2":
-        raise ValueError(f"checkpoint {path} is not a kdbook checkpoint of this version: {remedy}")
-    payload = wrapper["payload"].numpy().tobytes()
-    if hashlib.sha256(payload).hexdigest() != wrapper["sha256"]:
-        raise ValueError(f"checkpoint {path} fails its sha256 check (the file is corrupt): {remedy}")
+    ours = isinstance(wrapper, dict) and wrapper.get("format") == "kdbook-checkpoint-2"
+    payload = wrapper["payload"].numpy().tobytes() if ours else b""
+    if not ours or hashlib.sha256(payload).hexdigest() != wrapper["sha256"]:
+        what = "fails its sha256 check (the file is corrupt)" if ours else "is not a kdbook checkpoint of this version"
+        raise ValueError(f"checkpoint {path} {what}: {remedy}")
     return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
 # %% ../chapters/a3c_engine.ipynb #c3e0d025
@@ -798,23 +796,23 @@ def _run_epoch(run: Run, loop: _Loop, flag: dict):
     loop.pos = None
 
 # %% ../chapters/a3c_engine.ipynb #6adffa0b
-def _record(run: Run, loop: _Loop, done: int, lr: float, loss: list, kd: list, agree: list, steps: str):
-    "Evaluate every model (copied back first) and append this epoch's row to its history; refuse non-finite scores."
+def _record(run: Run, loop: _Loop, done: int, lr: float, loss: list, kd: list, agree: list) -> str | None:
+    "Evaluate every model (copied back first) and append this epoch's row to its history; non-finite scores: what."
     run.copy_back()
     for i, h in enumerate(run.histories):
         scores = run.evaluate(i)
-        bad = _nonfinite(scores)
-        if bad is not None:
-            raise FloatingPointError(_diverged_message(run, bad, done, steps, lr))
+        if _nonfinite(scores) is not None:  # the run stops: nothing is returned, so the rows so far go unused
+            return _nonfinite(scores)
         extra = {"train_agreement": agree[i], "train_kd_loss": kd[i]} if run.teacher is not None else {}
         for key, value in {"epoch": done, "step": loop.step_count, "lr": lr, "train_loss": loss[i],
                            "wall_time_s": time.perf_counter() - loop.t0, **extra, **scores}.items():
             h.setdefault(key, []).append(value)
         h["graphed"] = loop.runner.graphed
+    return None
 
 # %% ../chapters/a3c_engine.ipynb #6a945f85
 def _close_epoch(run: Run, loop: _Loop, first: int, bar):
-    "After an epoch's steps: read the sums once, stop a diverged run, record when due, checkpoint, call back."
+    "After an epoch's steps: read the sums once, record when due, stop a diverged run, checkpoint, call back."
     cfg, step, done = run.cfg, loop.step, loop.epoch + 1
     lr = cosine_lr(loop.step_count, loop.total_steps, cfg.lr, cfg.lr_min)
     loss = (step.loss_sum / max(len(loop.starts), 1)).tolist()
@@ -824,11 +822,11 @@ def _close_epoch(run: Run, loop: _Loop, first: int, bar):
     if loop.first_loss is None:
         loop.first_loss = loss
     what = _divergence(run, loss, kd, loop.first_loss)
+    if what is None and (done % cfg.eval_every == 0 or done == cfg.epochs):
+        what = _record(run, loop, done, lr, loss, kd, agree)
+        bar.set_postfix(loss=f"{loss[0]:.3f}")
     if what is not None:
         raise FloatingPointError(_diverged_message(run, what, done, steps, lr))
-    if done % cfg.eval_every == 0 or done == cfg.epochs:
-        _record(run, loop, done, lr, loss, kd, agree, steps)
-        bar.set_postfix(loss=f"{loss[0]:.3f}")
     if run.checkpoint is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.epochs):
         save_train_state(run.checkpoint, _checkpoint_state(run, loop.opt, step, loop.streams, done, loop.step_count,
                                                            None, loop.first_loss))

@@ -202,8 +202,8 @@ def _refusal_cases():
         ("distill_many into teacher", lambda d: distill_many([twin, t], t, d, d, cfg(), seeds=[0, 1]), "also the teacher"),
         ("class counts", lambda d: distill(make_model("lenet5", seed=0, num_classes=5), t, d, d, cfg(), seed=0),
          "teacher outputs 10 classes but the student outputs 5"),
-        ("labels", lambda d: fit(make_model("lenet5", seed=0, num_classes=5), d, d, cfg(), seed=0), "train labels run from 0 to 9"),
-        ("tau", lambda d: distill(make_model("lenet5", seed=0), t, d, d, cfg(), seed=0, tau=1e-40), "tau=1e-40 is too small"),
+        ("labels", lambda d: fit(make_model("lenet5", seed=0, num_classes=5), d, d, cfg(), seed=0), r"the largest train label must be an integer <= 4, got 9; the model outputs 5 classes"),
+        ("tau", lambda d: distill(make_model("lenet5", seed=0), t, d, d, cfg(), seed=0, tau=1e-40), r"tau must be >= 0\.0001, got 1e-40; below it logits / tau overflow"),
         ("image shape", lambda d: fit(make_model("resnet20", seed=0, num_classes=10), d, d, cfg(), seed=0),
          r"cannot take train images of shape \(1, 28, 28\)"),
     ], mnist_like
