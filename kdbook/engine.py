@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from fastcore.basics import patch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
@@ -147,54 +148,61 @@ class FunctionalOptimizer:
         if grads:
             torch._foreach_zero_(grads)
 
-    @torch.no_grad()
-    def step(self):
-        "One update with the current value of `self.lr`."
-        idx = [i for i, p in enumerate(self.params) if p.grad is not None]
-        params = [self.params[i] for i in idx]
-        grads = [self.params[i].grad for i in idx]
-        d_p = torch._foreach_add(grads, params, alpha=self.wd) if self.wd != 0 else grads
-        if self.kind == "sgd":
-            if self.momentum > 0:
-                bufs = [self.state["momentum_buffer"][i] for i in idx]
-                torch._foreach_mul_(bufs, self.momentum)
-                torch._foreach_add_(bufs, d_p)
-                d_p = torch._foreach_add(d_p, bufs, alpha=self.momentum) if self.nesterov else bufs
-            torch._foreach_sub_(params, torch._foreach_mul(d_p, self.lr))
-            return
-        beta1, beta2 = self.betas
-        m = [self.state["exp_avg"][i] for i in idx]
-        v = [self.state["exp_avg_sq"][i] for i in idx]
-        step = self.state["step"]
-        step.add_(1)
-        torch._foreach_lerp_(m, d_p, 1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, d_p, d_p, value=1 - beta2)
-        bc1 = 1 - torch.pow(beta1, step)
-        bc2_sqrt = torch.sqrt(1 - torch.pow(beta2, step))
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_mul_(denom, 1 / bc2_sqrt)
-        torch._foreach_add_(denom, self.eps)
-        update = torch._foreach_div(m, denom)
-        torch._foreach_mul_(update, self.lr / bc1)
-        torch._foreach_sub_(params, update)
+# %% ../chapters/a3c_engine.ipynb #745745c0
+@patch
+@torch.no_grad()
+def step(self: FunctionalOptimizer):
+    "One update with the current value of `self.lr`."
+    idx = [i for i, p in enumerate(self.params) if p.grad is not None]
+    params = [self.params[i] for i in idx]
+    grads = [self.params[i].grad for i in idx]
+    d_p = torch._foreach_add(grads, params, alpha=self.wd) if self.wd != 0 else grads
+    if self.kind == "sgd":
+        if self.momentum > 0:
+            bufs = [self.state["momentum_buffer"][i] for i in idx]
+            torch._foreach_mul_(bufs, self.momentum)
+            torch._foreach_add_(bufs, d_p)
+            d_p = torch._foreach_add(d_p, bufs, alpha=self.momentum) if self.nesterov else bufs
+        torch._foreach_sub_(params, torch._foreach_mul(d_p, self.lr))
+        return
+    beta1, beta2 = self.betas
+    m = [self.state["exp_avg"][i] for i in idx]
+    v = [self.state["exp_avg_sq"][i] for i in idx]
+    step = self.state["step"]
+    step.add_(1)
+    torch._foreach_lerp_(m, d_p, 1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, d_p, d_p, value=1 - beta2)
+    bc1 = 1 - torch.pow(beta1, step)
+    bc2_sqrt = torch.sqrt(1 - torch.pow(beta2, step))
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_mul_(denom, 1 / bc2_sqrt)
+    torch._foreach_add_(denom, self.eps)
+    update = torch._foreach_div(m, denom)
+    torch._foreach_mul_(update, self.lr / bc1)
+    torch._foreach_sub_(params, update)
 
-    def state_dict(self) -> dict:
-        return {"kind": self.kind, "lr": self.lr.detach().cpu().clone(),
-                "state": {k: ([t.detach().cpu().clone() for t in v] if isinstance(v, list) else v.detach().cpu().clone())
-                          for k, v in self.state.items()}}
+# %% ../chapters/a3c_engine.ipynb #50c0f6cb
+@patch
+def state_dict(self: FunctionalOptimizer) -> dict:
+    "The learning rate and the buffers as CPU copies (for a checkpoint)."
+    return {"kind": self.kind, "lr": self.lr.detach().cpu().clone(),
+            "state": {k: ([t.detach().cpu().clone() for t in v] if isinstance(v, list) else v.detach().cpu().clone())
+                      for k, v in self.state.items()}}
 
-    @torch.no_grad()
-    def load_state_dict(self, sd: dict):
-        """Copy a saved state in place (tensors keep their addresses). Trusts its caller: `_resume` has checked that
-        the checkpoint's settings (the optimizer's among them) and parameter shapes are this run's."""
-        self.lr.copy_(sd["lr"])
-        for k, v in self.state.items():
-            if isinstance(v, list):
-                for dst, src in zip(v, sd["state"][k]):
-                    dst.copy_(src)
-            else:
-                v.copy_(sd["state"][k])
+# %% ../chapters/a3c_engine.ipynb #3cc15071
+@patch
+@torch.no_grad()
+def load_state_dict(self: FunctionalOptimizer, sd: dict):
+    """Copy a saved state in place (tensors keep their addresses). Trusts its caller: `_resume` has checked that
+    the checkpoint's settings (the optimizer's among them) and parameter shapes are this run's."""
+    self.lr.copy_(sd["lr"])
+    for k, v in self.state.items():
+        if isinstance(v, list):
+            for dst, src in zip(v, sd["state"][k]):
+                dst.copy_(src)
+        else:
+            v.copy_(sd["state"][k])
 
 # %% ../chapters/a3c_engine.ipynb #c3e0d015
 def ce_terms(z: torch.Tensor,  # (k, B, C) logits of k models
@@ -250,38 +258,41 @@ class Step:
             zt = self.teacher(x.flatten(0, 1)).float()
             return zt.view(self.k, x.shape[1], -1)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor | None):
-        self.opt.zero_grad()
-        with autocast(self.device, self.amp):
-            z = self.model(x).float()
-            if not self.packed:
-                z = z[None]
-            if y is not None and y.dim() == 1:
-                y = y.expand(self.k, -1)
-            if self.teacher is None:
-                losses = ce_terms(z, y)
-                kd = torch.zeros_like(losses)
-                agree = torch.zeros_like(losses)
-            else:
-                zt = self._teacher_logits(x)
-                kd = kd_terms(z, zt, self.tau)
-                losses = (1 - self.alpha) * kd
-                if self.alpha > 0:
-                    losses = losses + self.alpha * ce_terms(z, y)
-                agree = (z.argmax(-1) == zt.argmax(-1)).float().sum(-1)
-        losses.sum().backward()
-        if getattr(self.model, "streams", False):  # LoopStack(streams=True): the members' backward ran on their
-            self.model.join_streams()  # streams; the update waits for their gradients
-        self.opt.step()
-        with torch.no_grad():
-            if self.trace:
-                self.trace_loss.index_copy_(0, self.trace_i, losses.detach().float().view(1, -1))
-                self.trace_lr.index_copy_(0, self.trace_i, self.opt.lr.detach().float().view(1))
-                self.trace_i.add_(1)
-            self.loss_sum.add_(losses.detach())
-            self.kd_sum.add_(kd.detach() * z.shape[1])
-            self.agree_sum.add_(agree)
-            self.seen.add_(z.shape[1])
+# %% ../chapters/a3c_engine.ipynb #9253fc0c
+@patch
+def __call__(self: Step, x: torch.Tensor, y: torch.Tensor | None):
+    "One step on the batch x (labels y; None: unlabelled rows): forward, loss, backward, update, device sums."
+    self.opt.zero_grad()
+    with autocast(self.device, self.amp):
+        z = self.model(x).float()
+        if not self.packed:
+            z = z[None]
+        if y is not None and y.dim() == 1:
+            y = y.expand(self.k, -1)
+        if self.teacher is None:
+            losses = ce_terms(z, y)
+            kd = torch.zeros_like(losses)
+            agree = torch.zeros_like(losses)
+        else:
+            zt = self._teacher_logits(x)
+            kd = kd_terms(z, zt, self.tau)
+            losses = (1 - self.alpha) * kd
+            if self.alpha > 0:
+                losses = losses + self.alpha * ce_terms(z, y)
+            agree = (z.argmax(-1) == zt.argmax(-1)).float().sum(-1)
+    losses.sum().backward()
+    if getattr(self.model, "streams", False):  # LoopStack(streams=True): the members' backward ran on their
+        self.model.join_streams()  # streams; the update waits for their gradients
+    self.opt.step()
+    with torch.no_grad():
+        if self.trace:
+            self.trace_loss.index_copy_(0, self.trace_i, losses.detach().float().view(1, -1))
+            self.trace_lr.index_copy_(0, self.trace_i, self.opt.lr.detach().float().view(1))
+            self.trace_i.add_(1)
+        self.loss_sum.add_(losses.detach())
+        self.kd_sum.add_(kd.detach() * z.shape[1])
+        self.agree_sum.add_(agree)
+        self.seen.add_(z.shape[1])
 
 # %% ../chapters/a3c_engine.ipynb #c3e0d019
 class GraphedStep:
@@ -313,43 +324,46 @@ class GraphedStep:
         torch.cuda.synchronize(self.step.device)
         self.graph = graph
 
-    def __call__(self, x, y):
-        if not self.use_graphs or self.error is not None:
-            return self.step(x, y)
-        if self.graph is not None:
-            if not self._fits(x, y):
-                return self.step(x, y)
-            self.static_x.copy_(x)
-            if y is not None:
-                self.static_y.copy_(y)
-            self.graph.replay()
-            return
-        if self.static_x is not None and not self._fits(x, y):
-            return self.step(x, y)
-        if self.n_warm < self.warmup:  # real steps, on a side stream as the capture recipe asks
-            if self.static_x is None:
-                self.static_x = torch.empty_like(x)
-                self.static_y = None if y is None else torch.empty_like(y)
-            side = torch.cuda.Stream(self.step.device)
-            side.wait_stream(torch.cuda.current_stream(self.step.device))
-            with torch.cuda.stream(side):
-                self.step(x, y)
-            torch.cuda.current_stream(self.step.device).wait_stream(side)
-            self.n_warm += 1
-            return
-        try:
-            self._capture(x, y)
-        except Exception as e:  # fall back loudly: the run goes on eagerly with the same math
-            self.graph, self.error = None, f"{type(e).__name__}: {e}"
-            warnings.warn(f"CUDA graph capture failed ({self.error}); this run continues eagerly "
-                          "(history['graphed'] = False). Set TrainConfig(cuda_graphs=False) to skip the attempt.",
-                          RuntimeWarning, stacklevel=2)
-            torch.cuda.synchronize(self.step.device)
+# %% ../chapters/a3c_engine.ipynb #4de00b15
+@patch
+def __call__(self: GraphedStep, x, y):
+    "The step on (x, y): eagerly, as a warm-up on a side stream, by capturing it, or by replaying its graph."
+    if not self.use_graphs or self.error is not None:
+        return self.step(x, y)
+    if self.graph is not None:
+        if not self._fits(x, y):
             return self.step(x, y)
         self.static_x.copy_(x)
         if y is not None:
             self.static_y.copy_(y)
         self.graph.replay()
+        return
+    if self.static_x is not None and not self._fits(x, y):
+        return self.step(x, y)
+    if self.n_warm < self.warmup:  # real steps, on a side stream as the capture recipe asks
+        if self.static_x is None:
+            self.static_x = torch.empty_like(x)
+            self.static_y = None if y is None else torch.empty_like(y)
+        side = torch.cuda.Stream(self.step.device)
+        side.wait_stream(torch.cuda.current_stream(self.step.device))
+        with torch.cuda.stream(side):
+            self.step(x, y)
+        torch.cuda.current_stream(self.step.device).wait_stream(side)
+        self.n_warm += 1
+        return
+    try:
+        self._capture(x, y)
+    except Exception as e:  # fall back loudly: the run goes on eagerly with the same math
+        self.graph, self.error = None, f"{type(e).__name__}: {e}"
+        warnings.warn(f"CUDA graph capture failed ({self.error}); this run continues eagerly "
+                      "(history['graphed'] = False). Set TrainConfig(cuda_graphs=False) to skip the attempt.",
+                      RuntimeWarning, stacklevel=2)
+        torch.cuda.synchronize(self.step.device)
+        return self.step(x, y)
+    self.static_x.copy_(x)
+    if y is not None:
+        self.static_y.copy_(y)
+    self.graph.replay()
 
 # %% ../chapters/a3c_engine.ipynb #c3e0d033
 class LoopStack(nn.Module):

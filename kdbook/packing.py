@@ -80,14 +80,14 @@ class PackedLinear(nn.Module):
     def extra_repr(self):
         return f"k={self.k}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
-# %% ../chapters/a3d_packing.ipynb #6f74e523
+# %% ../chapters/a3d_packing.ipynb #2b529b4b
 def _check_batch_counts(counts: list, momentum, where: str):
     "One BatchNorm layer has one num_batches_tracked: with momentum=None (a cumulative average) the k counts must agree."
     if momentum is None and len(set(counts)) > 1:
         raise ValueError(f"BatchNorm with momentum=None averages over num_batches_tracked, which differs between "
                          f"{where} ({counts}): they cannot share one layer")
 
-
+# %% ../chapters/a3d_packing.ipynb #6f74e523
 class _PackedBatchNorm:
     "BatchNorm over k*C channels: its statistics are per channel, hence per member. Counts batches per member."
 

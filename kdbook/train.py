@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 from .augment import augment
 from .checks import check_choice, check_number, check_params
@@ -109,35 +110,39 @@ class Ensemble(nn.Module):
             self._packed = (packed, device)
         return self._packed[0]
 
-    @torch.no_grad()
-    def member_logits(self, x: torch.Tensor,
-                      vectorize: bool | None = None,  # True: one packed network; None/False: a loop (faster, measured)
-                      ) -> torch.Tensor:
-        "Logits of every member, shape (m, N, C)."
-        vec = self.vectorize and bool(vectorize)
-        if vec:
-            return self._pack(x.device)(x)
-        was_training = [m.training for m in self.members]
-        for m in self.members:
-            m.eval()
-        try:
-            return torch.stack([m(x) for m in self.members])
-        finally:
-            for m, t in zip(self.members, was_training):
-                m.train(t)
+# %% ../chapters/a3_training.ipynb #bd8ab0c2
+@patch
+@torch.no_grad()
+def member_logits(self: Ensemble, x: torch.Tensor,
+                  vectorize: bool | None = None,  # True: one packed network; None/False: a loop (faster, measured)
+                  ) -> torch.Tensor:
+    "Logits of every member, shape (m, N, C)."
+    vec = self.vectorize and bool(vectorize)
+    if vec:
+        return self._pack(x.device)(x)
+    was_training = [m.training for m in self.members]
+    for m in self.members:
+        m.eval()
+    try:
+        return torch.stack([m(x) for m in self.members])
+    finally:
+        for m, t in zip(self.members, was_training):
+            m.train(t)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        "Ensemble logits log mean_i softmax(z_i), shape (N, C); a single member gives its own logits."
-        if len(self.members) == 1:
-            with torch.no_grad():
-                m = self.members[0]
-                was = m.training
-                m.eval()
-                try:
-                    return m(x)
-                finally:
-                    m.train(was)
-        return ensemble_logits(self.member_logits(x))
+# %% ../chapters/a3_training.ipynb #7567907a
+@patch
+def forward(self: Ensemble, x: torch.Tensor) -> torch.Tensor:
+    "Ensemble logits log mean_i softmax(z_i), shape (N, C); a single member gives its own logits."
+    if len(self.members) == 1:
+        with torch.no_grad():
+            m = self.members[0]
+            was = m.training
+            m.eval()
+            try:
+                return m(x)
+            finally:
+                m.train(was)
+    return ensemble_logits(self.member_logits(x))
 
 # %% ../chapters/a3_training.ipynb #d72af105
 def _as_float_images(images, device) -> torch.Tensor:
