@@ -208,8 +208,8 @@ def load_state_dict(self: FunctionalOptimizer, sd: dict):
 def ce_terms(z: torch.Tensor,  # (k, B, C) logits of k models
              y: torch.Tensor | None,  # (k, B) labels
              ) -> torch.Tensor:
-    """Per-model mean cross-entropy, shape (k,). Trusts its caller for `y`: fit, fit_many and distill with alpha > 0
-    refuse the policies that add unlabelled images before any step."""
+    """Per-model mean cross-entropy, shape (k,). Trusts its caller for `y`: fit and distill (alpha > 0), and their
+    _many forms, refuse the policies that add unlabelled images before any step."""
     k, b, c = z.shape
     return F.cross_entropy(z.reshape(k * b, c), y.reshape(k * b), reduction="none").view(k, b).mean(1)
 
