@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import math
-import numbers
 import os
 import signal
 import tempfile
@@ -23,10 +22,12 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from fastcore.basics import patch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .augment import POLICIES, augment
+from .checks import check_choice, check_number
 from .data import to_float
 
 # %% auto #0
@@ -38,15 +39,14 @@ __all__ = ['OPTIMIZERS', 'GROWTH_LIMIT', 'LOSS_FLOOR', 'DEADLINE_MARGIN_S', 'RUN
 
 # %% ../chapters/a3c_engine.ipynb #c3e0d006
 OPTIMIZERS = ("sgd", "adam")
-_FLAGS = ("nesterov", "amp", "channels_last", "cuda_graphs", "progress")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-# %% ../chapters/a3c_engine.ipynb #73456c43
-def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(float(v))
+# the settings of a fixed type: a string such as "no" where a flag belongs would be truthy
+_TYPES = {**{flag: (bool, "True or False") for flag in ("nesterov", "amp", "channels_last", "cuda_graphs", "progress")},
+          "device": (str, "a string such as 'auto', 'cpu' or 'cuda'")}
+# the numeric settings and their ranges (lr_min's upper bound is lr: checked on its own)
+_RANGES = {"epochs": dict(low=1, integer=True), "batch_size": dict(low=1, integer=True),
+           "eval_every": dict(low=1, integer=True), "eval_batch_size": dict(low=1, integer=True),
+           "checkpoint_every": dict(low=0, integer=True, hint="0: never"), "lr": dict(low=0, low_open=True),
+           "momentum": dict(low=0, high=1, high_open=True), "weight_decay": dict(low=0)}
 
 # %% ../chapters/a3c_engine.ipynb #ba6d8b8a
 @dataclass
@@ -71,28 +71,15 @@ class TrainConfig:
     cuda_graphs: bool = True  # capture whole training steps in CUDA graphs; only ever used on CUDA
 
     def __post_init__(self):
-        for name in ("epochs", "batch_size", "eval_every", "eval_batch_size"):
-            value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
-        if not _is_int(self.checkpoint_every) or self.checkpoint_every < 0:
-            raise ValueError(f"TrainConfig.checkpoint_every must be an integer >= 0 (0: never), got {self.checkpoint_every!r}")
-        for name in ("lr", "lr_min", "momentum", "weight_decay"):
-            if not _is_real(getattr(self, name)):
-                raise ValueError(f"TrainConfig.{name} must be a finite number, got {getattr(self, name)!r}")
-        for name in _FLAGS:
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TrainConfig.{name} must be True or False, got {getattr(self, name)!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {self.optimizer!r}: use one of {OPTIMIZERS}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown augmentation policy {self.policy!r}: use one of {tuple(POLICIES)}")
-        if not isinstance(self.device, str):
-            raise ValueError(f"TrainConfig.device must be a string such as 'auto', 'cpu' or 'cuda', got {self.device!r}")
-        if not (self.lr > 0 and 0 <= self.lr_min <= self.lr):
-            raise ValueError(f"need lr > 0 and 0 <= lr_min <= lr, got lr={self.lr}, lr_min={self.lr_min}")
-        if self.weight_decay < 0 or not 0 <= self.momentum < 1:
-            raise ValueError("need weight_decay >= 0 and 0 <= momentum < 1")
+        # only checked, never converted: an int lr stays an int, so a result's key stays what the caller wrote
+        for name, bounds in _RANGES.items():
+            check_number(f"TrainConfig.{name}", getattr(self, name), **bounds)
+        check_number("TrainConfig.lr_min", self.lr_min, low=0, high=self.lr, hint="the schedule falls from lr to lr_min")
+        for name, (kind, what) in _TYPES.items():
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(f"TrainConfig.{name} must be {what}, got {getattr(self, name)!r}")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("augmentation policy", self.policy, POLICIES)
 
     def to_dict(self) -> dict:
         "The settings as a JSON-serialisable dict (for the results store), without `cuda_graphs`."
@@ -161,66 +148,68 @@ class FunctionalOptimizer:
         if grads:
             torch._foreach_zero_(grads)
 
-    @torch.no_grad()
-    def step(self):
-        "One update with the current value of `self.lr`."
-        idx = [i for i, p in enumerate(self.params) if p.grad is not None]
-        params = [self.params[i] for i in idx]
-        grads = [self.params[i].grad for i in idx]
-        d_p = torch._foreach_add(grads, params, alpha=self.wd) if self.wd != 0 else grads
-        if self.kind == "sgd":
-            if self.momentum > 0:
-                bufs = [self.state["momentum_buffer"][i] for i in idx]
-                torch._foreach_mul_(bufs, self.momentum)
-                torch._foreach_add_(bufs, d_p)
-                d_p = torch._foreach_add(d_p, bufs, alpha=self.momentum) if self.nesterov else bufs
-            torch._foreach_sub_(params, torch._foreach_mul(d_p, self.lr))
-            return
-        beta1, beta2 = self.betas
-        m = [self.state["exp_avg"][i] for i in idx]
-        v = [self.state["exp_avg_sq"][i] for i in idx]
-        step = self.state["step"]
-        step.add_(1)
-        torch._foreach_lerp_(m, d_p, 1 - beta1)
-        torch._foreach_mul_(v, beta2)
-        torch._foreach_addcmul_(v, d_p, d_p, value=1 - beta2)
-        bc1 = 1 - torch.pow(beta1, step)
-        bc2_sqrt = torch.sqrt(1 - torch.pow(beta2, step))
-        denom = torch._foreach_sqrt(v)
-        torch._foreach_mul_(denom, 1 / bc2_sqrt)
-        torch._foreach_add_(denom, self.eps)
-        update = torch._foreach_div(m, denom)
-        torch._foreach_mul_(update, self.lr / bc1)
-        torch._foreach_sub_(params, update)
+# %% ../chapters/a3c_engine.ipynb #745745c0
+@patch
+@torch.no_grad()
+def step(self: FunctionalOptimizer):
+    "One update with the current value of `self.lr`."
+    idx = [i for i, p in enumerate(self.params) if p.grad is not None]
+    params = [self.params[i] for i in idx]
+    grads = [self.params[i].grad for i in idx]
+    d_p = torch._foreach_add(grads, params, alpha=self.wd) if self.wd != 0 else grads
+    if self.kind == "sgd":
+        if self.momentum > 0:
+            bufs = [self.state["momentum_buffer"][i] for i in idx]
+            torch._foreach_mul_(bufs, self.momentum)
+            torch._foreach_add_(bufs, d_p)
+            d_p = torch._foreach_add(d_p, bufs, alpha=self.momentum) if self.nesterov else bufs
+        torch._foreach_sub_(params, torch._foreach_mul(d_p, self.lr))
+        return
+    beta1, beta2 = self.betas
+    m = [self.state["exp_avg"][i] for i in idx]
+    v = [self.state["exp_avg_sq"][i] for i in idx]
+    step = self.state["step"]
+    step.add_(1)
+    torch._foreach_lerp_(m, d_p, 1 - beta1)
+    torch._foreach_mul_(v, beta2)
+    torch._foreach_addcmul_(v, d_p, d_p, value=1 - beta2)
+    bc1 = 1 - torch.pow(beta1, step)
+    bc2_sqrt = torch.sqrt(1 - torch.pow(beta2, step))
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_mul_(denom, 1 / bc2_sqrt)
+    torch._foreach_add_(denom, self.eps)
+    update = torch._foreach_div(m, denom)
+    torch._foreach_mul_(update, self.lr / bc1)
+    torch._foreach_sub_(params, update)
 
-    def state_dict(self) -> dict:
-        return {"kind": self.kind, "lr": self.lr.detach().cpu().clone(),
-                "state": {k: ([t.detach().cpu().clone() for t in v] if isinstance(v, list) else v.detach().cpu().clone())
-                          for k, v in self.state.items()}}
+# %% ../chapters/a3c_engine.ipynb #50c0f6cb
+@patch
+def state_dict(self: FunctionalOptimizer) -> dict:
+    "The learning rate and the buffers as CPU copies (for a checkpoint)."
+    return {"kind": self.kind, "lr": self.lr.detach().cpu().clone(),
+            "state": {k: ([t.detach().cpu().clone() for t in v] if isinstance(v, list) else v.detach().cpu().clone())
+                      for k, v in self.state.items()}}
 
-    @torch.no_grad()
-    def load_state_dict(self, sd: dict):
-        "Copy a saved state in place (tensors keep their addresses)."
-        if sd.get("kind") != self.kind or set(sd["state"]) != set(self.state):
-            raise ValueError(f"optimizer state of kind {sd.get('kind')!r} cannot be loaded into a {self.kind!r} optimizer")
-        self.lr.copy_(sd["lr"])
-        for k, v in self.state.items():
-            if isinstance(v, list):
-                if len(v) != len(sd["state"][k]):
-                    raise ValueError("optimizer state has a different number of parameters")
-                for dst, src in zip(v, sd["state"][k]):
-                    dst.copy_(src)
-            else:
-                v.copy_(sd["state"][k])
+# %% ../chapters/a3c_engine.ipynb #3cc15071
+@patch
+@torch.no_grad()
+def load_state_dict(self: FunctionalOptimizer, sd: dict):
+    """Copy a saved state in place (tensors keep their addresses). Trusts its caller: `_resume` has checked that
+    the checkpoint's settings (the optimizer's among them) and parameter shapes are this run's."""
+    self.lr.copy_(sd["lr"])
+    for k, v in self.state.items():
+        if isinstance(v, list):
+            for dst, src in zip(v, sd["state"][k]):
+                dst.copy_(src)
+        else:
+            v.copy_(sd["state"][k])
 
 # %% ../chapters/a3c_engine.ipynb #c3e0d015
 def ce_terms(z: torch.Tensor,  # (k, B, C) logits of k models
              y: torch.Tensor | None,  # (k, B) labels
              ) -> torch.Tensor:
-    "Per-model mean cross-entropy, shape (k,)."
-    if y is None:
-        raise ValueError("the augmentation policy added unlabelled images to the batch ('ood', 'synthetic'): "
-                         "fit needs a label for every image; use these policies with distill")
+    """Per-model mean cross-entropy, shape (k,). Trusts its caller for `y`: fit and distill (alpha > 0), and their
+    _many forms, refuse the policies that add unlabelled images before any step."""
     k, b, c = z.shape
     return F.cross_entropy(z.reshape(k * b, c), y.reshape(k * b), reduction="none").view(k, b).mean(1)
 
@@ -269,38 +258,41 @@ class Step:
             zt = self.teacher(x.flatten(0, 1)).float()
             return zt.view(self.k, x.shape[1], -1)
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor | None):
-        self.opt.zero_grad()
-        with autocast(self.device, self.amp):
-            z = self.model(x).float()
-            if not self.packed:
-                z = z[None]
-            if y is not None and y.dim() == 1:
-                y = y.expand(self.k, -1)
-            if self.teacher is None:
-                losses = ce_terms(z, y)
-                kd = torch.zeros_like(losses)
-                agree = torch.zeros_like(losses)
-            else:
-                zt = self._teacher_logits(x)
-                kd = kd_terms(z, zt, self.tau)
-                losses = (1 - self.alpha) * kd
-                if self.alpha > 0:
-                    losses = losses + self.alpha * ce_terms(z, y)
-                agree = (z.argmax(-1) == zt.argmax(-1)).float().sum(-1)
-        losses.sum().backward()
-        if getattr(self.model, "streams", False):  # LoopStack(streams=True): the members' backward ran on their
-            self.model.join_streams()  # streams; the update waits for their gradients
-        self.opt.step()
-        with torch.no_grad():
-            if self.trace:
-                self.trace_loss.index_copy_(0, self.trace_i, losses.detach().float().view(1, -1))
-                self.trace_lr.index_copy_(0, self.trace_i, self.opt.lr.detach().float().view(1))
-                self.trace_i.add_(1)
-            self.loss_sum.add_(losses.detach())
-            self.kd_sum.add_(kd.detach() * z.shape[1])
-            self.agree_sum.add_(agree)
-            self.seen.add_(z.shape[1])
+# %% ../chapters/a3c_engine.ipynb #9253fc0c
+@patch
+def __call__(self: Step, x: torch.Tensor, y: torch.Tensor | None):
+    "One step on the batch x (labels y; None: unlabelled rows): forward, loss, backward, update, device sums."
+    self.opt.zero_grad()
+    with autocast(self.device, self.amp):
+        z = self.model(x).float()
+        if not self.packed:
+            z = z[None]
+        if y is not None and y.dim() == 1:
+            y = y.expand(self.k, -1)
+        if self.teacher is None:
+            losses = ce_terms(z, y)
+            kd = torch.zeros_like(losses)
+            agree = torch.zeros_like(losses)
+        else:
+            zt = self._teacher_logits(x)
+            kd = kd_terms(z, zt, self.tau)
+            losses = (1 - self.alpha) * kd
+            if self.alpha > 0:
+                losses = losses + self.alpha * ce_terms(z, y)
+            agree = (z.argmax(-1) == zt.argmax(-1)).float().sum(-1)
+    losses.sum().backward()
+    if getattr(self.model, "streams", False):  # LoopStack(streams=True): the members' backward ran on their
+        self.model.join_streams()  # streams; the update waits for their gradients
+    self.opt.step()
+    with torch.no_grad():
+        if self.trace:
+            self.trace_loss.index_copy_(0, self.trace_i, losses.detach().float().view(1, -1))
+            self.trace_lr.index_copy_(0, self.trace_i, self.opt.lr.detach().float().view(1))
+            self.trace_i.add_(1)
+        self.loss_sum.add_(losses.detach())
+        self.kd_sum.add_(kd.detach() * z.shape[1])
+        self.agree_sum.add_(agree)
+        self.seen.add_(z.shape[1])
 
 # %% ../chapters/a3c_engine.ipynb #c3e0d019
 class GraphedStep:
@@ -332,57 +324,59 @@ class GraphedStep:
         torch.cuda.synchronize(self.step.device)
         self.graph = graph
 
-    def __call__(self, x, y):
-        if not self.use_graphs or self.error is not None:
-            return self.step(x, y)
-        if self.graph is not None:
-            if not self._fits(x, y):
-                return self.step(x, y)
-            self.static_x.copy_(x)
-            if y is not None:
-                self.static_y.copy_(y)
-            self.graph.replay()
-            return
-        if self.static_x is not None and not self._fits(x, y):
-            return self.step(x, y)
-        if self.n_warm < self.warmup:  # real steps, on a side stream as the capture recipe asks
-            if self.static_x is None:
-                self.static_x = torch.empty_like(x)
-                self.static_y = None if y is None else torch.empty_like(y)
-            side = torch.cuda.Stream(self.step.device)
-            side.wait_stream(torch.cuda.current_stream(self.step.device))
-            with torch.cuda.stream(side):
-                self.step(x, y)
-            torch.cuda.current_stream(self.step.device).wait_stream(side)
-            self.n_warm += 1
-            return
-        try:
-            self._capture(x, y)
-        except Exception as e:  # fall back loudly: the run goes on eagerly with the same math
-            self.graph, self.error = None, f"{type(e).__name__}: {e}"
-            warnings.warn(f"CUDA graph capture failed ({self.error}); this run continues eagerly "
-                          "(history['graphed'] = False). Set TrainConfig(cuda_graphs=False) to skip the attempt.",
-                          RuntimeWarning, stacklevel=2)
-            torch.cuda.synchronize(self.step.device)
+# %% ../chapters/a3c_engine.ipynb #4de00b15
+@patch
+def __call__(self: GraphedStep, x, y):
+    "The step on (x, y): eagerly, as a warm-up on a side stream, by capturing it, or by replaying its graph."
+    if not self.use_graphs or self.error is not None:
+        return self.step(x, y)
+    if self.graph is not None:
+        if not self._fits(x, y):
             return self.step(x, y)
         self.static_x.copy_(x)
         if y is not None:
             self.static_y.copy_(y)
         self.graph.replay()
+        return
+    if self.static_x is not None and not self._fits(x, y):
+        return self.step(x, y)
+    if self.n_warm < self.warmup:  # real steps, on a side stream as the capture recipe asks
+        if self.static_x is None:
+            self.static_x = torch.empty_like(x)
+            self.static_y = None if y is None else torch.empty_like(y)
+        side = torch.cuda.Stream(self.step.device)
+        side.wait_stream(torch.cuda.current_stream(self.step.device))
+        with torch.cuda.stream(side):
+            self.step(x, y)
+        torch.cuda.current_stream(self.step.device).wait_stream(side)
+        self.n_warm += 1
+        return
+    try:
+        self._capture(x, y)
+    except Exception as e:  # fall back loudly: the run goes on eagerly with the same math
+        self.graph, self.error = None, f"{type(e).__name__}: {e}"
+        warnings.warn(f"CUDA graph capture failed ({self.error}); this run continues eagerly "
+                      "(history['graphed'] = False). Set TrainConfig(cuda_graphs=False) to skip the attempt.",
+                      RuntimeWarning, stacklevel=2)
+        torch.cuda.synchronize(self.step.device)
+        return self.step(x, y)
+    self.static_x.copy_(x)
+    if y is not None:
+        self.static_y.copy_(y)
+    self.graph.replay()
 
 # %% ../chapters/a3c_engine.ipynb #c3e0d033
 class LoopStack(nn.Module):
     """k models of one architecture run one after another inside one step (and so inside one CUDA graph):
     plain convolutions, exactly the arithmetic of k separate runs. Takes (k, B, ...) or, with
     `shared_input`, one (B, ...) batch for all; returns (k, B, C). The members are the caller's modules.
-    `streams=True`: on CUDA each member runs on its own CUDA stream (parallel branches, graph-capturable)."""
+    `streams=True`: on CUDA each member runs on its own CUDA stream (parallel branches, graph-capturable).
+    Built by fit_many and distill_many once `can_pack` has accepted the models: trusts them to be k >= 1 modules."""
 
     def __init__(self, models, shared_input: bool = False,
                  streams: bool = False,  # CUDA: members' forward (and so backward) on parallel streams; CPU: the loop
                  ):
         super().__init__()
-        if not models:
-            raise ValueError("LoopStack needs at least one model")
         if not isinstance(streams, bool):
             raise ValueError(f"LoopStack(streams=...) must be True or False, got {streams!r}")
         self.members, self.shared_input, self.k, self.streams = nn.ModuleList(models), shared_input, len(models), streams
@@ -422,8 +416,6 @@ class LoopStack(nn.Module):
 
     def copy_to(self, models):
         "Nothing to copy: the members are the caller's modules (kept for the interface of kdbook.packing.Packed)."
-        if any(a is not b for a, b in zip(self.members, models)):
-            raise ValueError("LoopStack.copy_to: these are not the modules it was built from")
 
 # %% ../chapters/a3c_engine.ipynb #c3e0d021
 class Stream:
@@ -488,10 +480,9 @@ def save_train_state(path, state: dict):
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    finally:  # after a failure the temp file goes; after the rename there is none left
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
 
 # %% ../chapters/a3c_engine.ipynb #c7907073
 def load_train_state(path) -> dict:
@@ -501,11 +492,11 @@ def load_train_state(path) -> dict:
         wrapper = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is damaged: {remedy}") from e
-    if not isinstance(wrapper, dict) or wrapper.get("format") != "kdbook-checkpoint-2":
-        raise ValueError(f"checkpoint {path} is not a kdbook checkpoint of this version: {remedy}")
-    payload = wrapper["payload"].numpy().tobytes()
-    if hashlib.sha256(payload).hexdigest() != wrapper["sha256"]:
-        raise ValueError(f"checkpoint {path} fails its sha256 check (the file is corrupt): {remedy}")
+    ours = isinstance(wrapper, dict) and wrapper.get("format") == "kdbook-checkpoint-2"
+    payload = wrapper["payload"].numpy().tobytes() if ours else b""
+    if not ours or hashlib.sha256(payload).hexdigest() != wrapper["sha256"]:
+        what = "fails its sha256 check (the file is corrupt)" if ours else "is not a kdbook checkpoint of this version"
+        raise ValueError(f"checkpoint {path} {what}: {remedy}")
     return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
 
 # %% ../chapters/a3c_engine.ipynb #c3e0d025
@@ -578,29 +569,36 @@ def _diverged_message(run: Run, what: str, epoch: int, steps: str, lr: float) ->
             "Nothing was returned or stored; lower TrainConfig.lr (or choose another tau) and run again.")
 
 # %% ../chapters/a3c_engine.ipynb #6aae9bf2
-def _check_finite(run: Run, values: dict, epoch: int, steps: str, lr: float):
+def _nonfinite(values: dict) -> str | None:
+    "The values that are NaN or infinite, as 'name = value', or None."
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-    if bad:
-        raise FloatingPointError(_diverged_message(run, ", ".join(f"{k} = {v}" for k, v in bad.items()), epoch, steps, lr))
+    return ", ".join(f"{k} = {v}" for k, v in bad.items()) if bad else None
 
 # %% ../chapters/a3c_engine.ipynb #5f17a2de
-def _check_growth(run: Run, first: list, loss: list, epoch: int, steps: str, lr: float):
-    "FloatingPointError when a model's epoch-mean loss grew past GROWTH_LIMIT x its first epoch's (floor LOSS_FLOOR)."
+def _growth(first: list, loss: list) -> str | None:
+    "The first model whose epoch-mean loss grew past GROWTH_LIMIT x its first epoch's (floor LOSS_FLOOR), or None."
     for i, (a, b) in enumerate(zip(first, loss)):
         if b > GROWTH_LIMIT * max(a, LOSS_FLOOR):
-            raise FloatingPointError(_diverged_message(
-                run, f"train_loss = {b:.4g}{f' (model {i})' if run.k > 1 else ''}, over {GROWTH_LIMIT:g} x the first "
-                f"epoch's {a:.4g}", epoch, steps, lr))
+            return (f"train_loss = {b:.4g}{f' (model {i})' if len(loss) > 1 else ''}, over {GROWTH_LIMIT:g} x the "
+                    f"first epoch's {a:.4g}")
+    return None
 
 # %% ../chapters/a3c_engine.ipynb #c8e55460
-def _check_weights(run: Run, epoch: int, steps: str, lr: float):
-    "Non-finite weights (the last steps blew up after the loss was summed) stop the run before evaluation."
-    params = list(run.model.named_parameters())
-    if not params or torch.stack([torch.isfinite(p).all() for _, p in params]).all():  # one device sync
-        return
-    bad = [n for n, p in params if not torch.isfinite(p).all()]
-    if bad:
-        raise FloatingPointError(_diverged_message(run, f"non-finite weights ({', '.join(bad[:3])})", epoch, steps, lr))
+def _nonfinite_weights(model: nn.Module) -> str | None:
+    "The first non-finite weights (the last steps blew up after the loss was summed), or None; one device sync."
+    params = list(model.named_parameters())
+    if not params or torch.stack([torch.isfinite(p).all() for _, p in params]).all():
+        return None
+    return f"non-finite weights ({', '.join([n for n, p in params if not torch.isfinite(p).all()][:3])})"
+
+# %% ../chapters/a3c_engine.ipynb #a786059f
+def _divergence(run: Run, loss: list, kd: list, first: list) -> str | None:
+    "What shows that this epoch diverged (a non-finite mean, a loss past the growth limit, non-finite weights), or None."
+    for i in range(run.k):
+        bad = _nonfinite({"train_loss": loss[i]} | ({"train_kd_loss": kd[i]} if run.teacher is not None else {}))
+        if bad is not None:
+            return bad
+    return _growth(first, loss) or _nonfinite_weights(run.model)
 
 # %% ../chapters/a3c_engine.ipynb #35a576ab
 class TrainingStopped(KeyboardInterrupt):
@@ -657,19 +655,18 @@ def _checkpoint_state(run, opt, step, streams, epoch, step_count, pos=None, firs
 
 # %% ../chapters/a3c_engine.ipynb #6338f0bf
 def _resume(run, opt, step, streams):
+    "Load the run's checkpoint into its models, optimizer, RNGs (mid-epoch: orders and sums); refuse another run's."
     state = load_train_state(run.checkpoint)
-    path = run.checkpoint
     saved, mine = json.loads(state["config"]), run.cfg.to_dict()
     differ = sorted(k for k in mine if k not in ("progress", "device") and saved.get(k) != mine[k])
-    if differ:
-        raise ValueError(f"checkpoint {path} was written with different settings ({', '.join(differ)}); "
-                         "delete it or pass another checkpoint path")
-    for what, a, b in [("seeds", list(state["seeds"]), list(run.seeds)), ("data", state["fingerprint"], run.fingerprint),
-                       ("parameter shapes", json.loads(state["param_shapes"]), param_shapes(run.models)),
-                       ("number of models", int(state.get("k", 1)), run.k)]:
-        if a != b:
-            raise ValueError(f"checkpoint {path} belongs to another run (its {what} differ from this run's); "
-                             "delete it or pass another checkpoint path")
+    other = [what for what, a, b in [
+        ("seeds", list(state["seeds"]), list(run.seeds)), ("data", state["fingerprint"], run.fingerprint),
+        ("parameter shapes", json.loads(state["param_shapes"]), param_shapes(run.models)),
+        ("number of models", int(state.get("k", 1)), run.k)] if a != b]
+    if differ or other:
+        why = (f"was written with different settings ({', '.join(differ)})" if differ
+               else f"belongs to another run (its {other[0]} differ from this run's)")
+        raise ValueError(f"checkpoint {run.checkpoint} {why}; delete it or pass another checkpoint path")
     with torch.no_grad():
         for m, sd in zip(run.models, state["models"]):
             m.load_state_dict(sd)  # copies in place: the parameters keep their addresses
@@ -713,125 +710,193 @@ def trace_steps():
     finally:
         _TRACE["on"] = before
 
-# %% ../chapters/a3c_engine.ipynb #6b325928
-def train_loop(run: Run) -> list:
-    "The epoch loop shared by fit, distill, fit_many and distill_many; returns k histories."
-    flag = {}
-    with _stop_on_sigterm(flag):
-        return _train_loop(run, flag)
+# %% ../chapters/a3c_engine.ipynb #8999bc77
+@dataclass
+class _Loop:
+    "What the parts of one train_loop call share: built by _start_loop, advanced epoch by epoch."
+    opt: FunctionalOptimizer
+    step: Step
+    runner: GraphedStep
+    streams: list  # one Stream per model (one for all with a shared input)
+    starts: list  # batch start offsets of one epoch
+    total_steps: int  # steps of the whole run (the cosine schedule's T)
+    use_cl: bool  # channels_last batches (CUDA, images)
+    stacked: bool  # (k, B, ...) batches drawn from k streams
+    epoch: int = 0  # the epoch in progress (resumed: the checkpoint's)
+    step_count: int = 0  # steps taken so far
+    pos: int | None = None  # batches done of a resumed epoch in progress; None: start a whole epoch
+    first_loss: list | None = None  # the first epoch's mean losses, the growth check's reference
+    end: float | None = None  # KDBOOK_DEADLINE (unix seconds), None without one
+    step_s: float | None = None  # seconds per step: the caller's estimate, then measured
+    epoch_s: float | None = None  # seconds per whole epoch (evaluation and checkpoint included), likewise
+    t0: float = 0.0  # perf_counter at the start of the run (resumed: minus the time already spent)
+    t_epoch: float = 0.0  # perf_counter at this epoch's first step
 
-# %% ../chapters/a3c_engine.ipynb #2393743b
-def _train_loop(run: Run, flag: dict) -> list:
+# %% ../chapters/a3c_engine.ipynb #a9e23e38
+def _start_loop(run: Run) -> _Loop:
+    "The optimizer, step, data streams and fresh histories of a run, resumed from its checkpoint when it has one."
     cfg, device = run.cfg, run.device
-    use_cl = cfg.channels_last and device.type == "cuda" and run.images.dim() == 4
     opt = FunctionalOptimizer(run.model.parameters(), cfg)
-    n = len(run.labels)
-    starts = batch_starts(n, cfg.batch_size)
+    starts = batch_starts(len(run.labels), cfg.batch_size)
     total_steps = cfg.epochs * len(starts)
     step = Step(run.model, opt, run.k, run.teacher, run.tau, run.alpha, run.packed, run.shared_input,
                 cfg.amp, device, trace=total_steps if _TRACE["on"] else 0)
     runner = GraphedStep(step, cfg.cuda_graphs)
     seed_global_rng(run.seeds[0], device)
     streams = [Stream(s, device) for s in (run.seeds[:1] if run.shared_input or not run.packed else run.seeds)]
-    epoch, step_count, pos, first_loss = 0, 0, None, None  # pos: batches done of a resumed epoch in progress
+    loop = _Loop(opt, step, runner, streams, starts, total_steps,
+                 use_cl=cfg.channels_last and device.type == "cuda" and run.images.dim() == 4,
+                 stacked=run.packed and not run.shared_input)
     for h in run.histories:
         h.update({key: [] for key in ("epoch", "step", "lr", "train_loss", "wall_time_s")})
     if run.checkpoint is not None and Path(run.checkpoint).exists():
-        epoch, step_count, run.histories[:], pos, first_loss = _resume(run, opt, step, streams)
-    end = deadline()
-    if end is not None:
-        left = end - time.time()
-        need = DEADLINE_MARGIN_S + (run.epoch_estimate_s if run.epoch_estimate_s is not None else 0.0) / max(len(starts), 1)
-        if left < need:  # not even one step (and the checkpoint) would fit
-            raise TrainingStopped(f"{run.name}: not started: KDBOOK_DEADLINE leaves {left:.1f} s, less than the "
-                                  f"{need:.1f} s one step and its checkpoint need. Nothing was trained or stored.",
-                                  run.checkpoint, "deadline")
-        if run.checkpoint is None and run.epoch_estimate_s and left < run.epoch_estimate_s * (cfg.epochs - epoch):
-            raise TrainingStopped(f"{run.name}: not started: it needs about {run.epoch_estimate_s * (cfg.epochs - epoch):.0f} s "
-                                  f"but KDBOOK_DEADLINE leaves {left:.0f} s, and without a checkpoint path its work "
-                                  "would be lost; pass checkpoint=... or run it when more time is left.",
-                                  None, "deadline")
-    t0 = time.perf_counter() - (run.histories[0]["wall_time_s"][-1] if run.histories[0]["wall_time_s"] else 0.0)
-    stacked = run.packed and not run.shared_input
-    bar = tqdm(range(epoch, cfg.epochs), initial=epoch, total=cfg.epochs, disable=not cfg.progress,
-               desc=f"epochs ({run.k} models)" if run.k > 1 else "epochs")
-    # seconds per step and per whole epoch (evaluation and checkpoint included): the caller's estimate, then measured
-    step_s = run.epoch_estimate_s / max(len(starts), 1) if run.epoch_estimate_s is not None else None
-    epoch_s = run.epoch_estimate_s
-    for epoch in bar:
-        run.model.train()
-        pos_at_start = pos  # None: a whole epoch (not the rest of a resumed one)
-        if pos is None:
-            step.reset()
-            for s in streams:
-                s.new_epoch(n, device)
-            pos = 0
-        first = step_count - pos
-        t_epoch = time.perf_counter()
-        for i in range(pos, len(starts)):
-            why = None
-            if flag.get("signal"):
-                why = f"signal {flag['signal']} (SIGTERM) received"
-            elif end is not None and time.time() + 2 * (step_s or 0.0) + DEADLINE_MARGIN_S > end:
-                why = "KDBOOK_DEADLINE is near: another step would not fit"
-            if why is not None:
-                state_now = (epoch, step_count, i)
-                _stop(run, why, lambda: save_train_state(run.checkpoint, _checkpoint_state(
-                    run, opt, step, streams, state_now[0], state_now[1], state_now[2], first_loss)))
-            x, y = next_batch(streams, run.images, run.labels, starts[i], cfg, run.augment_kw, use_cl, stacked)
-            opt.lr.fill_(cosine_lr(step_count, total_steps, cfg.lr, cfg.lr_min))
-            runner(x, y)
-            step_count += 1
-            if end is not None and i - pos + 1 >= 2:  # the measured rate of this epoch so far
-                step_s = (time.perf_counter() - t_epoch) / (i - pos + 1)
-        pos = None
-        done = epoch + 1
-        lr_now = cosine_lr(step_count, total_steps, cfg.lr, cfg.lr_min)
-        loss = (step.loss_sum / max(len(starts), 1)).tolist()
-        kd = (step.kd_sum / step.seen.clamp(min=1)).tolist()
-        agree = (step.agree_sum / step.seen.clamp(min=1)).tolist()
-        steps = f"{first}-{step_count - 1}"
-        for i in range(run.k):
-            _check_finite(run, {"train_loss": loss[i]} | ({"train_kd_loss": kd[i]} if run.teacher is not None else {}),
-                          done, steps, lr_now)
-        if first_loss is None:
-            first_loss = loss
-        _check_growth(run, first_loss, loss, done, steps, lr_now)
-        _check_weights(run, done, steps, lr_now)
-        if done % cfg.eval_every == 0 or done == cfg.epochs:
-            run.copy_back()
-            for i, h in enumerate(run.histories):
-                scores = run.evaluate(i)
-                _check_finite(run, scores, done, steps, lr_now)
-                extra = {"train_agreement": agree[i], "train_kd_loss": kd[i]} if run.teacher is not None else {}
-                for key, value in {"epoch": done, "step": step_count, "lr": lr_now, "train_loss": loss[i],
-                                   "wall_time_s": time.perf_counter() - t0, **extra, **scores}.items():
-                    h.setdefault(key, []).append(value)
-                h["graphed"] = runner.graphed
-            bar.set_postfix(loss=f"{loss[0]:.3f}")
-        if run.checkpoint is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.epochs):
-            save_train_state(run.checkpoint, _checkpoint_state(run, opt, step, streams, done, step_count, None, first_loss))
-        if run.callback is not None:
-            run.callback(done, run.histories[0] if run.k == 1 else run.histories)
-        epoch_s = time.perf_counter() - t_epoch if pos_at_start is None else epoch_s  # a whole epoch was measured
-        if done < cfg.epochs and end is not None and run.checkpoint is None and epoch_s is not None:
-            need = epoch_s * (cfg.epochs - done)
-            if time.time() + need + DEADLINE_MARGIN_S > end:  # projected from the measured rate: it cannot finish
-                _stop(run, f"KDBOOK_DEADLINE: the {cfg.epochs - done} epochs left need about {need:.0f} s, more "
-                           "than the time left", lambda: None)
+        loop.epoch, loop.step_count, run.histories[:], loop.pos, loop.first_loss = _resume(run, opt, step, streams)
+    loop.end = deadline()
+    est = run.epoch_estimate_s
+    loop.step_s, loop.epoch_s = (None if est is None else est / max(len(starts), 1)), est
+    return loop
+
+# %% ../chapters/a3c_engine.ipynb #8a937bc0
+def _start_refusal(run: Run, loop: _Loop) -> str | None:
+    "Why a run must not start before KDBOOK_DEADLINE (no step would fit, or it would lose its work unfinished), or None."
+    if loop.end is None:
+        return None
+    left, est = loop.end - time.time(), run.epoch_estimate_s
+    need = DEADLINE_MARGIN_S + (est if est is not None else 0.0) / max(len(loop.starts), 1)
+    if left < need:  # not even one step (and the checkpoint) would fit
+        return (f"KDBOOK_DEADLINE leaves {left:.1f} s, less than the {need:.1f} s one step and its checkpoint need. "
+                "Nothing was trained or stored.")
+    if run.checkpoint is None and est and left < est * (run.cfg.epochs - loop.epoch):
+        return (f"it needs about {est * (run.cfg.epochs - loop.epoch):.0f} s but KDBOOK_DEADLINE leaves {left:.0f} s, "
+                "and without a checkpoint path its work would be lost; pass checkpoint=... or run it when more time "
+                "is left.")
+    return None
+
+# %% ../chapters/a3c_engine.ipynb #dc495f3d
+def _stop_reason(flag: dict,  # set by _stop_on_sigterm
+                 end: float | None,  # KDBOOK_DEADLINE
+                 step_s: float | None,  # seconds per step, as estimated or measured
+                 ) -> str | None:
+    "Why the loop must checkpoint and stop before its next step (SIGTERM, or the deadline is two steps away), or None."
+    if flag.get("signal"):
+        return f"signal {flag['signal']} (SIGTERM) received"
+    if end is not None and time.time() + 2 * (step_s or 0.0) + DEADLINE_MARGIN_S > end:
+        return "KDBOOK_DEADLINE is near: another step would not fit"
+    return None
+
+# %% ../chapters/a3c_engine.ipynb #3c311b64
+def _run_epoch(run: Run, loop: _Loop, flag: dict):
+    "The steps of epoch `loop.epoch` (or the rest of it, resumed): batch, learning rate, step; stop cleanly when asked."
+    cfg = run.cfg
+    run.model.train()
+    if loop.pos is None:
+        loop.step.reset()
+        for s in loop.streams:
+            s.new_epoch(len(run.labels), run.device)
+        loop.pos = 0
+    loop.t_epoch = time.perf_counter()
+    for i in range(loop.pos, len(loop.starts)):
+        why = _stop_reason(flag, loop.end, loop.step_s)
+        if why is not None:
+            _stop(run, why, lambda: save_train_state(run.checkpoint, _checkpoint_state(
+                run, loop.opt, loop.step, loop.streams, loop.epoch, loop.step_count, i, loop.first_loss)))
+        x, y = next_batch(loop.streams, run.images, run.labels, loop.starts[i], cfg, run.augment_kw, loop.use_cl,
+                          loop.stacked)
+        loop.opt.lr.fill_(cosine_lr(loop.step_count, loop.total_steps, cfg.lr, cfg.lr_min))
+        loop.runner(x, y)
+        loop.step_count += 1
+        if loop.end is not None and i - loop.pos + 1 >= 2:  # the measured rate of this epoch so far
+            loop.step_s = (time.perf_counter() - loop.t_epoch) / (i - loop.pos + 1)
+    loop.pos = None
+
+# %% ../chapters/a3c_engine.ipynb #6adffa0b
+def _record(run: Run, loop: _Loop, done: int, lr: float, loss: list, kd: list, agree: list) -> str | None:
+    "Evaluate every model (copied back first) and append this epoch's row to its history; non-finite scores: what."
+    run.copy_back()
+    for i, h in enumerate(run.histories):
+        scores = run.evaluate(i)
+        if _nonfinite(scores) is not None:  # the run stops: nothing is returned, so the rows so far go unused
+            return _nonfinite(scores)
+        extra = {"train_agreement": agree[i], "train_kd_loss": kd[i]} if run.teacher is not None else {}
+        for key, value in {"epoch": done, "step": loop.step_count, "lr": lr, "train_loss": loss[i],
+                           "wall_time_s": time.perf_counter() - loop.t0, **extra, **scores}.items():
+            h.setdefault(key, []).append(value)
+        h["graphed"] = loop.runner.graphed
+    return None
+
+# %% ../chapters/a3c_engine.ipynb #6a945f85
+def _close_epoch(run: Run, loop: _Loop, first: int, bar):
+    "After an epoch's steps: read the sums once, record when due, stop a diverged run, checkpoint, call back."
+    cfg, step, done = run.cfg, loop.step, loop.epoch + 1
+    lr = cosine_lr(loop.step_count, loop.total_steps, cfg.lr, cfg.lr_min)
+    loss = (step.loss_sum / max(len(loop.starts), 1)).tolist()
+    kd = (step.kd_sum / step.seen.clamp(min=1)).tolist()
+    agree = (step.agree_sum / step.seen.clamp(min=1)).tolist()
+    steps = f"{first}-{loop.step_count - 1}"
+    if loop.first_loss is None:
+        loop.first_loss = loss
+    what = _divergence(run, loss, kd, loop.first_loss)
+    if what is None and (done % cfg.eval_every == 0 or done == cfg.epochs):
+        what = _record(run, loop, done, lr, loss, kd, agree)
+        bar.set_postfix(loss=f"{loss[0]:.3f}")
+    if what is not None:
+        raise FloatingPointError(_diverged_message(run, what, done, steps, lr))
+    if run.checkpoint is not None and cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or done == cfg.epochs):
+        save_train_state(run.checkpoint, _checkpoint_state(run, loop.opt, step, loop.streams, done, loop.step_count,
+                                                           None, loop.first_loss))
+    if run.callback is not None:
+        run.callback(done, run.histories[0] if run.k == 1 else run.histories)
+
+# %% ../chapters/a3c_engine.ipynb #4c7b943a
+def _finish_reason(run: Run, loop: _Loop, done: int) -> str | None:
+    "Why a run without a checkpoint path stops now: at its measured rate the epochs left would pass KDBOOK_DEADLINE."
+    if done >= run.cfg.epochs or loop.end is None or run.checkpoint is not None or loop.epoch_s is None:
+        return None
+    need = loop.epoch_s * (run.cfg.epochs - done)
+    if time.time() + need + DEADLINE_MARGIN_S > loop.end:
+        return f"KDBOOK_DEADLINE: the {run.cfg.epochs - done} epochs left need about {need:.0f} s, more than the time left"
+    return None
+
+# %% ../chapters/a3c_engine.ipynb #292ee628
+def _finish(run: Run, loop: _Loop) -> list:
+    "The weights into the caller's modules (eval mode), how the steps ran and their trace in the k histories."
     run.copy_back()
     for m in run.models:
         m.eval()
-    if runner.error is not None:
+    if loop.runner.error is not None:
         for h in run.histories:
-            h["graph_error"] = runner.error
-    RUN_LOG["graphed" if runner.graphed else "eager"] += 1
-    if step.trace:
-        done_steps = int(step.trace_i.item())
+            h["graph_error"] = loop.runner.error
+    RUN_LOG["graphed" if loop.runner.graphed else "eager"] += 1
+    if loop.step.trace:
+        done_steps = int(loop.step.trace_i.item())
         for i, h in enumerate(run.histories):
-            h["step_loss"] = step.trace_loss[:done_steps, i].tolist()
-            h["step_lr"] = step.trace_lr[:done_steps].tolist()
+            h["step_loss"] = loop.step.trace_loss[:done_steps, i].tolist()
+            h["step_lr"] = loop.step.trace_lr[:done_steps].tolist()
     return run.histories
+
+# %% ../chapters/a3c_engine.ipynb #6b325928
+def train_loop(run: Run) -> list:
+    "The epoch loop shared by fit, distill, fit_many and distill_many; returns k histories."
+    flag = {}
+    with _stop_on_sigterm(flag):
+        loop = _start_loop(run)
+        why = _start_refusal(run, loop)
+        if why is not None:
+            raise TrainingStopped(f"{run.name}: not started: {why}", run.checkpoint, "deadline")
+        cfg = run.cfg
+        loop.t0 = time.perf_counter() - (run.histories[0]["wall_time_s"][-1] if run.histories[0]["wall_time_s"] else 0.0)
+        bar = tqdm(range(loop.epoch, cfg.epochs), initial=loop.epoch, total=cfg.epochs, disable=not cfg.progress,
+                   desc=f"epochs ({run.k} models)" if run.k > 1 else "epochs")
+        for epoch in bar:
+            loop.epoch, whole, first = epoch, loop.pos is None, loop.step_count - (loop.pos or 0)
+            _run_epoch(run, loop, flag)
+            _close_epoch(run, loop, first, bar)
+            if whole:  # a whole epoch was measured (not the rest of a resumed one)
+                loop.epoch_s = time.perf_counter() - loop.t_epoch
+            why = _finish_reason(run, loop, epoch + 1)
+            if why is not None:
+                _stop(run, why, lambda: None)
+        return _finish(run, loop)
 
 # %% ../chapters/a3c_engine.ipynb #c3e0d029
 def benchmark_rows(record: dict) -> list:

@@ -80,6 +80,13 @@ class PackedLinear(nn.Module):
     def extra_repr(self):
         return f"k={self.k}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
+# %% ../chapters/a3d_packing.ipynb #2b529b4b
+def _check_batch_counts(counts: list, momentum, where: str):
+    "One BatchNorm layer has one num_batches_tracked: with momentum=None (a cumulative average) the k counts must agree."
+    if momentum is None and len(set(counts)) > 1:
+        raise ValueError(f"BatchNorm with momentum=None averages over num_batches_tracked, which differs between "
+                         f"{where} ({counts}): they cannot share one layer")
+
 # %% ../chapters/a3d_packing.ipynb #6f74e523
 class _PackedBatchNorm:
     "BatchNorm over k*C channels: its statistics are per channel, hence per member. Counts batches per member."
@@ -97,10 +104,7 @@ class _PackedBatchNorm:
                 self.running_mean.copy_(torch.cat([m.running_mean for m in bns]))
                 self.running_var.copy_(torch.cat([m.running_var for m in bns]))
                 counts = torch.stack([m.num_batches_tracked for m in bns])
-                # the layer has one counter; it only matters for momentum=None (a cumulative average)
-                if b.momentum is None and not bool((counts == counts[0]).all()):
-                    raise ValueError(f"BatchNorm with momentum=None averages over num_batches_tracked, which differs "
-                                     f"between the members ({counts.tolist()}): they cannot share one layer")
+                _check_batch_counts(counts.tolist(), b.momentum, "the members")
                 self.num_batches_tracked.copy_(counts.max())
                 self.register_buffer("member_batches_tracked", counts.clone())
         self.train(b.training)
@@ -280,17 +284,20 @@ def pack_input(self: Packed, x: torch.Tensor,  # (k, B, C, ...) one batch per me
                shared: bool | None = None,  # x is one batch for all members; None: the model's shared_input
               ) -> torch.Tensor:
     "The members' inputs as one batch: (k, B, C, ...) -> (B, k*C, ...); shared: (B, C, ...) as is or repeated."
-    if self.shared_input if shared is None else shared:
-        if self.in_channels is not None and (x.dim() != 4 or x.shape[1] != self.in_channels):
-            raise ValueError(f"shared input: expected one batch (B, {self.in_channels}, H, W) for all "
-                             f"{self.k} members, got shape {tuple(x.shape)}")
+    shared, cin = self.shared_input if shared is None else shared, self.in_channels
+    if shared:
+        fits = cin is None or (x.dim() == 4 and x.shape[1] == cin)
+        want = f"shared input: expected one batch (B, {cin}, H, W) for all {self.k} members"
+    else:
+        fits = x.dim() >= 3 and x.shape[0] == self.k and (cin is None or (x.dim() == 5 and x.shape[2] == cin))
+        want = f"expected one batch per member, shape ({self.k}, B, " + (f"{cin}, H, W)" if cin is not None else "...)")
+    if not fits:
+        raise ValueError(f"{want}, got shape {tuple(x.shape)}")
+    if shared:
         if self.share_conv:
             return x  # the first conv reads the single copy
         b, c, *rest = x.shape
         return x.unsqueeze(1).expand(b, self.k, c, *rest).reshape(b, self.k * c, *rest)
-    if x.dim() < 3 or x.shape[0] != self.k or (self.in_channels is not None and (x.dim() != 5 or x.shape[2] != self.in_channels)):
-        want = f"({self.k}, B, {self.in_channels}, H, W)" if self.in_channels is not None else f"({self.k}, B, ...)"
-        raise ValueError(f"expected one batch per member, shape {want}, got {tuple(x.shape)}")
     k, b, c, *rest = x.shape
     if x.dim() == 5 and x[0].is_contiguous(memory_format=torch.channels_last) and not x[0].is_contiguous():
         # NHWC members -> one NHWC batch: channels of member i at [i*C, (i+1)*C) of each pixel
@@ -332,18 +339,21 @@ def state_dicts(self: Packed) -> list:
 
 # %% ../chapters/a3d_packing.ipynb #06e11ae5
 @patch
-def check_state_dicts(self: Packed, states: list) -> None:
+def check_state_dicts(self: Packed, states: list,  # k state dicts, one per member
+                      what: str = "expected a list of {k} state dicts",  # the error's opening
+                      ) -> None:
     "ValueError unless `states` are k state dicts with the members' keys and shapes."
     if not isinstance(states, (list, tuple)) or len(states) != self.k:
-        raise ValueError(f"expected a list of {self.k} state dicts, got {type(states).__name__} of length "
+        raise ValueError(f"{what.format(k=self.k)}, got {type(states).__name__} of length "
                          f"{len(states) if hasattr(states, '__len__') else '?'}")
-    for i, sd in enumerate(states):
+    for i, sd in enumerate(states):  # one error per state dict, naming everything wrong with it
         missing, unexpected = set(self._shapes) - set(sd), set(sd) - set(self._shapes)
-        if missing or unexpected:
-            raise ValueError(f"state dict {i}: missing keys {sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}")
-        bad = [f"{key}: {tuple(sd[key].shape)} != {tuple(s)}" for key, s in self._shapes.items() if sd[key].shape != s]
-        if bad:
-            raise ValueError(f"state dict {i}: wrong shapes {bad[:5]}")
+        bad = [f"{key}: {tuple(sd[key].shape)} != {tuple(s)}" for key, s in self._shapes.items()
+               if key in sd and sd[key].shape != s]
+        if missing or unexpected or bad:
+            keys = f"missing keys {sorted(missing)[:5]}, unexpected keys {sorted(unexpected)[:5]}"
+            raise ValueError(f"state dict {i}: " + "; ".join(
+                ([keys] if missing or unexpected else []) + ([f"wrong shapes {bad[:5]}"] if bad else [])))
 
 
 @patch
@@ -354,10 +364,7 @@ def load_state_dicts(self: Packed, states: list) -> None:
     bns = [(f"{n}.num_batches_tracked" if n else "num_batches_tracked", m) for n, m in self._leaves()
            if isinstance(m, _PackedBatchNorm) and m.track_running_stats]
     for key, m in bns:  # checked before anything is written
-        counts = [int(sd[key]) for sd in states]
-        if m.momentum is None and len(set(counts)) > 1:
-            raise ValueError(f"{key}: BatchNorm with momentum=None averages over num_batches_tracked, which "
-                             f"differs between the state dicts ({counts}): they cannot share one layer")
+        _check_batch_counts([int(sd[key]) for sd in states], m.momentum, f"the state dicts at {key}")
     for i, sd in enumerate(states):
         for key, view in self._member_views(i).items():
             view.copy_(sd[key])
@@ -383,9 +390,8 @@ def unpack(self: Packed) -> list:
 @torch.no_grad()
 def copy_to(self: Packed, models: list) -> None:
     "Write the packed weights and buffers into k existing modules in place (their parameters keep their identity)."
-    if not isinstance(models, (list, tuple)) or len(models) != self.k:
-        raise ValueError(f"copy_to needs a list of {self.k} modules, got {type(models).__name__}")
-    self.check_state_dicts([m.state_dict() for m in models])
+    self.check_state_dicts([m.state_dict() for m in models] if isinstance(models, (list, tuple)) else models,
+                           what="copy_to needs a list of {k} modules")
     for m, sd in zip(models, self.state_dicts()):
         m.load_state_dict(sd)
 

@@ -14,12 +14,14 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 from .augment import augment
+from .checks import check_choice, check_number, check_params
 from .data import ImageSet, to_float
 from .engine import (OPTIMIZERS, LoopStack, Run, TrainConfig, autocast, batch_starts, cosine_lr, data_fingerprint,
                            resolve_device, train_loop)
-from .losses import check_alpha, check_tau, ensemble_logits, kd_loss
+from .losses import check_alpha, ensemble_logits, kd_loss
 from .metrics import accuracy, ece, nll, predictive_kl, top1_agreement
 from .packing import can_pack, pack
 
@@ -43,8 +45,7 @@ def by_profile(profile: str,  # one of "smoke", "quick", "paper"
                paper=_MISSING,  # the paper's value
                ):
     "Return the value given for `profile`; ValueError for an unknown profile or a missing value."
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}: valid profiles are {', '.join(PROFILES)}")
+    check_choice("profile", profile, PROFILES)
     value = {"smoke": smoke, "quick": quick, "paper": paper}[profile]
     if value is _MISSING:
         raise ValueError(f"by_profile: no value given for profile {profile!r}; pass {profile}=...")
@@ -57,11 +58,8 @@ def profile_sizes(table: dict,  # {profile: {name: value}}: a chapter's sizes pe
                   ) -> dict:
     """The chapter's sizes at `profile`, a given value in place of the profile's wherever it is not None (0 and False
     count: they are values, not "unset"); tuples become lists. A clear error for an unknown profile or parameter."""
-    if profile not in table:
-        raise ValueError(f"unknown profile {profile!r}: valid profiles are {', '.join(table)}")
-    unknown = sorted(set(given) - set(table[profile]))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown}: the sizes of this chapter are {sorted(table[profile])}")
+    check_choice("profile", profile, table)
+    check_params(given, table[profile], where="the sizes of this chapter")
     out = {k: (given[k] if given.get(k) is not None else v) for k, v in table[profile].items()}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
@@ -112,35 +110,39 @@ class Ensemble(nn.Module):
             self._packed = (packed, device)
         return self._packed[0]
 
-    @torch.no_grad()
-    def member_logits(self, x: torch.Tensor,
-                      vectorize: bool | None = None,  # True: one packed network; None/False: a loop (faster, measured)
-                      ) -> torch.Tensor:
-        "Logits of every member, shape (m, N, C)."
-        vec = self.vectorize and bool(vectorize)
-        if vec:
-            return self._pack(x.device)(x)
-        was_training = [m.training for m in self.members]
-        for m in self.members:
-            m.eval()
-        try:
-            return torch.stack([m(x) for m in self.members])
-        finally:
-            for m, t in zip(self.members, was_training):
-                m.train(t)
+# %% ../chapters/a3_training.ipynb #bd8ab0c2
+@patch
+@torch.no_grad()
+def member_logits(self: Ensemble, x: torch.Tensor,
+                  vectorize: bool | None = None,  # True: one packed network; None/False: a loop (faster, measured)
+                  ) -> torch.Tensor:
+    "Logits of every member, shape (m, N, C)."
+    vec = self.vectorize and bool(vectorize)
+    if vec:
+        return self._pack(x.device)(x)
+    was_training = [m.training for m in self.members]
+    for m in self.members:
+        m.eval()
+    try:
+        return torch.stack([m(x) for m in self.members])
+    finally:
+        for m, t in zip(self.members, was_training):
+            m.train(t)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        "Ensemble logits log mean_i softmax(z_i), shape (N, C); a single member gives its own logits."
-        if len(self.members) == 1:
-            with torch.no_grad():
-                m = self.members[0]
-                was = m.training
-                m.eval()
-                try:
-                    return m(x)
-                finally:
-                    m.train(was)
-        return ensemble_logits(self.member_logits(x))
+# %% ../chapters/a3_training.ipynb #7567907a
+@patch
+def forward(self: Ensemble, x: torch.Tensor) -> torch.Tensor:
+    "Ensemble logits log mean_i softmax(z_i), shape (N, C); a single member gives its own logits."
+    if len(self.members) == 1:
+        with torch.no_grad():
+            m = self.members[0]
+            was = m.training
+            m.eval()
+            try:
+                return m(x)
+            finally:
+                m.train(was)
+    return ensemble_logits(self.member_logits(x))
 
 # %% ../chapters/a3_training.ipynb #d72af105
 def _as_float_images(images, device) -> torch.Tensor:
@@ -204,10 +206,7 @@ def evaluate(student_logits: torch.Tensor,  # (N, C) logits of the model being j
 
 # %% ../chapters/a3_training.ipynb #da57dc64
 def ce_loss(model, x, y):
-    "Supervised step loss: cross-entropy of the model's logits against the labels."
-    if y is None:
-        raise ValueError("the augmentation policy added unlabelled images to the batch ('ood', 'synthetic'): "
-                         "fit needs a label for every image; use these policies with distill")
+    "Supervised step loss: cross-entropy of the model's logits against the labels (trusts its caller for `y`, as fit does)."
     return F.cross_entropy(model(x).float(), y)
 
 # %% ../chapters/a3_training.ipynb #a2d807be
@@ -216,10 +215,7 @@ def kd_step_loss(teacher: nn.Module,  # the (ensemble) teacher; evaluated withou
                  alpha: float = 0.0,  # weight of the NLL term (Eq. 1); 0 in the paper's main text
                  ):
     "Distillation step loss (Eq. 1) with teacher logits computed online on the same augmented batch."
-    def loss(model, x, y):
-        if alpha > 0 and y is None:
-            raise ValueError("alpha > 0 needs a label for every image, but the augmentation policy added "
-                             "unlabelled ones ('ood', 'synthetic'): use alpha=0")
+    def loss(model, x, y):  # alpha > 0 without labels: kd_loss says so
         with torch.no_grad():
             teacher_logits = teacher(x).float()
         return kd_loss(model(x).float(), teacher_logits, labels=y if alpha > 0 else None, tau=tau, alpha=alpha)
@@ -257,21 +253,31 @@ def _prepare_model(model: nn.Module, device: torch.device, cfg: TrainConfig) -> 
 
 # %% ../chapters/a3_training.ipynb #c35debe6
 def _check_images(name, data):
-    if not isinstance(data, ImageSet):
-        raise ValueError(f"{name} must be a kdbook.data.ImageSet, got {type(data).__name__}")
-    if len(data) == 0:
-        raise ValueError(f"{name} is empty")
+    if not isinstance(data, ImageSet) or len(data) == 0:
+        got = "an empty one" if isinstance(data, ImageSet) else type(data).__name__
+        raise ValueError(f"{name} must be a non-empty kdbook.data.ImageSet, got {got}")
+
+
+_UNLABELLED_POLICIES = ("ood", "synthetic")  # the kdbook.augment policies that append unlabelled images to a batch
+
+
+def _check_labelled(cfg: TrainConfig, alpha: float | None, extra_data=None):
+    "fit (alpha None) and distillation with alpha > 0 need a label for every image: refuse unlabelled images."
+    if alpha is not None and alpha == 0:
+        return
+    source = ("extra_data is unlabelled" if extra_data is not None else f"the augmentation policy {cfg.policy!r} adds "
+              "unlabelled images to every batch" if cfg.policy in _UNLABELLED_POLICIES else None)
+    if source is not None:
+        raise ValueError(f"{'fit' if alpha is None else 'alpha > 0'} needs a label for every image, but {source}: "
+                         + ("use that policy with distill" if alpha is None else "use alpha=0"))
 
 # %% ../chapters/a3_training.ipynb #bc654ff4
 MIN_TAU = 1e-4  # below this, logits / tau and tau^2 leave float32's range: every KD loss would be inf or nan
 
 
 def _check_train_tau(tau) -> float:
-    tau = check_tau(tau)
-    if tau < MIN_TAU:
-        raise ValueError(f"tau={tau:g} is too small to train with: logits / tau overflow and tau^2 underflows float32 "
-                         f"(the KD loss would be nan, not a learning-rate problem); use tau >= {MIN_TAU:g}")
-    return tau
+    return check_number("tau", tau, low=MIN_TAU, hint="below it logits / tau overflow and tau^2 underflows float32 "
+                        "(the KD loss would be nan, not a learning-rate problem)")
 
 # %% ../chapters/a3_training.ipynb #56959d8b
 def _shared_params(a: nn.Module, b: nn.Module) -> list:
@@ -282,6 +288,16 @@ def _shared_params(a: nn.Module, b: nn.Module) -> list:
     return sorted(mine[k] for k in set(mine) & set(ids(b)))
 
 # %% ../chapters/a3_training.ipynb #ab793a03
+def _check_apart(a: nn.Module, b: nn.Module, same: str, shares: str):
+    """Refuse `a` when it is `b` or lies inside it (error `same`), or shares parameters with it (error `shares`, its {}
+    the shared names): training `a` would train `b` too."""
+    if a is b or any(a is m for m in b.modules()):
+        raise ValueError(same)
+    shared = _shared_params(a, b)
+    if shared:
+        raise ValueError(shares.format(", ".join(shared[:3])))
+
+
 def _check_distinct(what: str, models: list):
     "Refuse the same module twice, or two modules sharing parameters: each would train the other's weights."
     for i, m in enumerate(models):
@@ -289,23 +305,10 @@ def _check_distinct(what: str, models: list):
             raise ValueError(f"{what}[{i}] must be an nn.Module, got {type(m).__name__}")
     for j in range(len(models)):
         for i in range(j):
-            if models[i] is models[j]:
-                raise ValueError(f"{what}[{i}] and {what}[{j}] are the same module: pass k distinct models "
-                                 "(e.g. make_model(name, seed=s) for each seed, or copy.deepcopy)")
-            shared = _shared_params(models[i], models[j])
-            if shared:
-                raise ValueError(f"{what}[{i}] and {what}[{j}] share parameters ({', '.join(shared[:3])}): each run "
-                                 "would update the other's weights; pass independent copies (copy.deepcopy)")
-
-# %% ../chapters/a3_training.ipynb #82cf2a48
-def _check_not_teacher(student: nn.Module, teacher: nn.Module, what: str = "student"):
-    if student is teacher or any(student is m for m in teacher.modules()):
-        raise ValueError(f"the {what} is also the teacher: distilling a model into itself would train the teacher "
-                         "too; pass a separate student (e.g. make_model(name, seed=s)) or copy.deepcopy(teacher)")
-    shared = _shared_params(student, teacher)
-    if shared:
-        raise ValueError(f"the {what} shares parameters with the teacher ({', '.join(shared[:3])}): training it would "
-                         "change the teacher; pass copy.deepcopy of the shared model")
+            _check_apart(models[i], models[j], f"{what}[{i}] and {what}[{j}] are the same module: pass k distinct "
+                         "models (e.g. make_model(name, seed=s) for each seed, or copy.deepcopy)",
+                         f"{what}[{i}] and {what}[{j}] share parameters ({{}}): each run would update the other's "
+                         "weights; pass independent copies (copy.deepcopy)")
 
 # %% ../chapters/a3_training.ipynb #802f4dfd
 def _has_batchnorm(model: nn.Module) -> bool:
@@ -313,9 +316,10 @@ def _has_batchnorm(model: nn.Module) -> bool:
 
 # %% ../chapters/a3_training.ipynb #edead24f
 def _check_batch(what: str, model: nn.Module, data, cfg: TrainConfig):
-    if _has_batchnorm(model) and (len(data) < 2 or cfg.batch_size < 2):
-        raise ValueError(f"{what} has {len(data)} example(s) and batch_size is {cfg.batch_size}: a model with "
-                         "BatchNorm needs at least 2 examples per batch; use more data or TrainConfig(batch_size >= 2)")
+    if _has_batchnorm(model):
+        check_number(f"the examples per {what} batch", min(len(data), cfg.batch_size), low=2, integer=True,
+                     hint=f"{what} has {len(data)} example(s) and batch_size is {cfg.batch_size}: a model with "
+                     "BatchNorm needs at least 2 examples per batch; use more data or TrainConfig(batch_size >= 2)")
 
 # %% ../chapters/a3_training.ipynb #bc757798
 @torch.no_grad()
@@ -340,11 +344,12 @@ def _classes(model: nn.Module, images: torch.Tensor, who: str, data_name: str, d
 
 # %% ../chapters/a3_training.ipynb #ed696296
 def _check_labels(data_name: str, labels: torch.Tensor, classes: int, who: str):
+    "Every label names one of the model's classes, 0 to classes - 1."
     lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= classes:
-        raise ValueError(f"{data_name} labels run from {lo} to {hi}, but the {who} outputs {classes} classes (labels "
-                         f"0 to {classes - 1}): build the model with num_classes={max(hi + 1, classes)} or pass "
-                         "data with matching labels")
+    hint = (f"the {who} outputs {classes} classes: build it with num_classes={max(hi + 1, classes)} or pass data with "
+            "matching labels")
+    check_number(f"the smallest {data_name} label", lo, low=0, integer=True, hint=hint)
+    check_number(f"the largest {data_name} label", hi, high=classes - 1, integer=True, hint=hint)
 
 # %% ../chapters/a3_training.ipynb #887fe085
 def _check_shapes(a_name, a, b_name, b):
@@ -367,7 +372,10 @@ def _check_distill_inputs(students: list, teacher: nn.Module, distill_data, test
     "Before any training: student and teacher take the images and agree on the classes; labels are in range."
     _check_shapes("distill_data", distill_data, "test", test)
     for s in students:
-        _check_not_teacher(s, teacher, what)
+        _check_apart(s, teacher, f"the {what} is also the teacher: distilling a model into itself would train the "
+                     "teacher too; pass a separate student (e.g. make_model(name, seed=s)) or copy.deepcopy(teacher)",
+                     f"the {what} shares parameters with the teacher ({{}}): training it would change the teacher; "
+                     "pass copy.deepcopy of the shared model")
         _check_batch("distill_data", s, distill_data, cfg)
     classes = _classes(students[0], distill_data.images, what, "distill_data", device)
     teacher_classes = _classes(teacher, distill_data.images, "teacher", "distill_data", device, cached=True)
@@ -377,12 +385,6 @@ def _check_distill_inputs(students: list, teacher: nn.Module, distill_data, test
     _check_labels("test", test.labels, classes, what)
     if alpha > 0:
         _check_labels("distill_data", distill_data.labels, classes, what)
-
-# %% ../chapters/a3_training.ipynb #c89af7f9
-def _check_seed(seed):
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    return seed
 
 # %% ../chapters/a3_training.ipynb #d08351b0
 def _run(name, model, models, images, labels, cfg, seeds, device, **kw) -> list:
@@ -406,7 +408,8 @@ def fit(model: nn.Module,  # the network to train (its initial weights are the c
     "Supervised training (appendix A.3) → history of lists: epoch, lr, train_loss, test_acc/nll/ece."
     _check_images("train", train)
     _check_images("test", test)
-    _check_seed(seed)
+    check_number("seed", seed, low=0, integer=True)
+    _check_labelled(cfg, None)
     device = resolve_device(cfg.device)
     _check_distinct("model", [model])
     model = _prepare_model(model, device, cfg)
@@ -426,9 +429,7 @@ def _distill_inputs(distill_data, extra_data, device):
     images, labels = distill_data.images.to(device), distill_data.labels.to(device)
     if extra_data is not None:
         _check_images("extra_data", extra_data)
-        if extra_data.images.shape[1:] != distill_data.images.shape[1:]:
-            raise ValueError(f"extra_data images {tuple(extra_data.images.shape[1:])} differ in shape from "
-                             f"distill_data images {tuple(distill_data.images.shape[1:])}")
+        _check_shapes("distill_data", distill_data, "extra_data", extra_data)
         images = torch.cat([images, extra_data.images.to(device)])
         labels = torch.cat([labels, torch.full((len(extra_data),), -1, dtype=labels.dtype, device=device)])
     return images, labels
@@ -512,10 +513,9 @@ def distill(student: nn.Module,  # the network to train
     "Knowledge distillation (Eq. 1) → history: test acc/nll/ece/agreement/kl, train_agreement/train_kd_loss, distill_*."
     _check_images("distill_data", distill_data)
     _check_images("test", test)
-    _check_seed(seed)
+    check_number("seed", seed, low=0, integer=True)
     tau, alpha = _check_train_tau(tau), check_alpha(alpha)
-    if alpha > 0 and extra_data is not None:
-        raise ValueError("alpha > 0 needs true labels for every example, but extra_data is unlabelled: use alpha=0")
+    _check_labelled(cfg, alpha, extra_data)
     device = resolve_device(cfg.device)
     student = _prepare_model(student, device, cfg)
     teacher = _prepare_model(teachers if isinstance(teachers, Ensemble) else Ensemble(teachers), device, cfg)
@@ -533,8 +533,7 @@ PACKINGS = ("loop", "grouped", "streams")  # "streams": the loop with members on
 
 def _pack(models, shared_input: bool, packing: str = "loop"):
     "k models as one module taking (k, B, ...) (or a shared (B, ...)) and returning (k, B, C)."
-    if packing not in PACKINGS:
-        raise ValueError(f"unknown packing {packing!r}: use one of {PACKINGS}")
+    check_choice("packing", packing, PACKINGS)
     reason = can_pack(list(models))
     if reason is not None:
         raise ValueError(f"these models cannot be trained together ({reason}); loop over fit/distill instead")
@@ -547,7 +546,7 @@ def _check_seeds(seeds, k):
     if len(seeds) != k:
         raise ValueError(f"need one seed per model: got {len(seeds)} seeds for {k} models")
     for s in seeds:
-        _check_seed(s)
+        check_number("seed", s, low=0, integer=True)
 
 # %% ../chapters/a3_training.ipynb #9f7ee2a8
 def fit_many(models: list,  # k models of one architecture
@@ -562,6 +561,7 @@ def fit_many(models: list,  # k models of one architecture
     _check_images("train", train)
     _check_images("test", test)
     _check_seeds(seeds, len(models))
+    _check_labelled(cfg, None)
     _check_distinct("models", list(models))
     device = resolve_device(cfg.device)
     models = [_prepare_model(m, device, cfg) for m in models]
@@ -597,6 +597,7 @@ def distill_many(students: list,  # k students of one architecture
     if not isinstance(same_batches, bool):
         raise ValueError(f"same_batches must be True or False, got {same_batches!r}")
     tau, alpha = _check_train_tau(tau), check_alpha(alpha)
+    _check_labelled(cfg, alpha)
     _check_distinct("students", list(students))
     device = resolve_device(cfg.device)
     students = [_prepare_model(m, device, cfg) for m in students]

@@ -36,7 +36,7 @@ def test_config_and_profile_validation():
         cfg(batch_size=-1)
     with pytest.raises(ValueError, match="lr"):
         cfg(lr=0.1, lr_min=0.2)
-    with pytest.raises(ValueError, match="smoke, quick, paper"):
+    with pytest.raises(ValueError, match="unknown profile 'medium'; choose one of 'smoke', 'quick', 'paper'"):
         by_profile("medium", smoke=1, quick=2, paper=3)
     assert by_profile("paper", smoke=1, quick=2, paper=3) == 3
     assert cosine_lr(0, 10, 0.1, 0.001) == pytest.approx(0.1)
@@ -222,7 +222,7 @@ def test_gpu_plan_shares_the_zoo_work_and_reads_mnist_pair(monkeypatch):
     before = own
     monkeypatch.setitem(train.MNIST_PAIR, "quick", {**train.MNIST_PAIR["quick"], "n_train": 2 * train.MNIST_PAIR["quick"]["n_train"]})
     assert sum(it.seconds for it in train.gpu_plan("quick") if it.key is None) > before
-    with pytest.raises(ValueError, match="valid profiles"):
+    with pytest.raises(ValueError, match="unknown profile"):
         train.gpu_plan("fast")
 
 
@@ -234,3 +234,14 @@ def test_mnist_pair_configs_run_on_the_cpu():
         assert teacher.epochs == student.epochs == p["epochs"] and teacher.eval_every == p["eval_every"]
         assert student.lr_min == (1e-6 if p["optimizer"] == "sgd" else 0.0)
     assert MNIST_PAIR["quick"]["n_train"] <= 10_000  # small: it runs on the CPU while the GPU waits
+
+
+def test_unlabelled_images_are_refused_before_training(mnist):
+    train, test = mnist
+    model, teacher = make_model("lenet5", seed=0), make_model("lenet5", seed=1)
+    with pytest.raises(ValueError, match="fit needs a label for every image, but the augmentation policy 'ood'"):
+        fit(model, train, test, cfg(policy="ood"), seed=0)
+    with pytest.raises(ValueError, match="alpha > 0 needs a label for every image, but the augmentation policy 'ood'"):
+        distill(model, teacher, train, test, cfg(policy="ood"), seed=0, alpha=0.5)
+    with pytest.raises(ValueError, match="alpha > 0 needs a label for every image, but extra_data is unlabelled"):
+        distill(model, teacher, train, test, cfg(), seed=0, alpha=0.5, extra_data=train)
