@@ -207,7 +207,7 @@ def owed(root, profile: str = "quick") -> list:
 def load_plan(ref: str):
     "The function named by a profiles.yml plan field 'module:function'."
     if not isinstance(ref, str) or ref.count(":") != 1:
-        raise ValueError(f"a plan must be named 'module:function' (e.g. 'kdbook.experiments.zoo:gpu_plan'), got {ref!r}")
+        raise ValueError(f"a plan must be named 'module:function' (e.g. 'kdbook.experiments.synthetic:gpu_plan'), got {ref!r}")
     module, name = ref.split(":")
     fn = getattr(importlib.import_module(module), name, None)
     if not callable(fn):

@@ -648,7 +648,7 @@ def gpu_plan(profile: str,  # "smoke", "quick" or "paper"
              ) -> list:
     "This chapter's GPU work at `profile` (kdbook.costs.Item): the zoo's keyed teacher/student items and the MNIST pair."
     from kdbook.costs import START_S, Item
-    from kdbook.experiments.zoo import N_TRIALS, baseline_items, zoo_item
+    from kdbook.experiments.synthetic import N_TRIALS, baseline_items, zoo_item
     p = MNIST_PAIR[by_profile(profile, smoke="smoke", quick="quick", paper="paper")]
     items = [Item(_CHAPTER, "chapter start", START_S, basis="kdbook.costs.START_S")]
     # baseline_students(m=1) distils N_TRIALS self-distillation students, trial i from zoo teacher seed + i

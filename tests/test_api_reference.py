@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 from api_pages import LIBRARY, module_names, module_page, modules, page_name, pages, toc_text  # noqa: E402
 
-MODULES = module_names(REPO)  # "losses", ..., "experiments.zoo", ...
+MODULES = module_names(REPO)  # "losses", ..., "experiments.synthetic", ...
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from kdbook.experiments.ensembles import (B_SETUP, BC_NAME, Net, b_points, b_set
 from kdbook.models import count_params, vgg16
 from kdbook.store import Store
 from kdbook.train import make_model
-from kdbook.experiments.zoo import STUDENT_NAME, Recipe, zoo_item, zoo_teachers
+from kdbook.experiments.synthetic import STUDENT_NAME, Recipe, zoo_item, zoo_teachers
 
 
 def test_net_builds_the_papers_networks():
@@ -81,11 +81,11 @@ def test_plans_follow_the_chapters_tables(monkeypatch):
 
 
 def test_quick_shares_the_zoo_of_section_4_2():
-    from kdbook.experiments.zoo import gpu_plan as zoo_plan
+    from kdbook.experiments.synthetic import gpu_plan as zoo_plan
     zoo_keys = {it.key for it in zoo_plan("quick") if it.key is not None}
     b_items = b_plan("quick")
     assert {zoo_item("x", "quick", s).key for s in range(3)} <= {it.key for it in b_items} & zoo_keys
-    from kdbook.experiments.zoo import baseline_items
+    from kdbook.experiments.synthetic import baseline_items
     assert baseline_items("x", "quick", 3)[0].key in {it.key for it in b_items} & zoo_keys  # §4.2's +0 ensemble students
     assert not {it.key for it in b_plan("paper") if it.key} & {it.key for it in zoo_plan("paper") if it.key}  # paper: nothing is §4.2's
 

@@ -83,7 +83,7 @@ def test_plans_count_startup(quick):
 def test_plans_read_the_chapters_tables(monkeypatch):
     "A plan built from a second copy of the sizes would not move when the chapter's own table does."
     import kdbook.experiments.gan as gan
-    import kdbook.experiments.zoo as zoo
+    import kdbook.experiments.synthetic as zoo
     base22 = sum(it.seconds for it in gan.gpu_plan("quick"))
     monkeypatch.setitem(gan.PROFILE_SETTINGS["quick"], "g_steps", 2 * gan.PROFILE_SETTINGS["quick"]["g_steps"])
     assert sum(it.seconds for it in gan.gpu_plan("quick")) > base22

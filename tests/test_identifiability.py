@@ -14,7 +14,7 @@ from kdbook.experiments.recycling import DISTILL_SETS, S52_NAME, check_fraction,
 from kdbook.store import Store
 from kdbook.train import make_model
 from kdbook.experiments.train_agreement import CONTEXT_FIELDS, group, policies_key, recycling_key, select, synthetic_key
-from kdbook.experiments.zoo import Recipe, check_ensemble_size, zoo_ensemble
+from kdbook.experiments.synthetic import Recipe, check_ensemble_size, zoo_ensemble
 
 TINY = Recipe(arch="resnet20", width=2, epochs=1, batch_size=8, lr=0.05, lr_min=1e-6, amp=False)
 

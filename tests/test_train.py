@@ -209,7 +209,7 @@ def test_teacher_logits_computed_once_per_teacher_and_data(mnist):
 def test_gpu_plan_shares_the_zoo_work_and_reads_mnist_pair(monkeypatch):
     "A.3's plan: the zoo's keyed teacher/student items (the same keys §4.2 plans, so counted once) + its own CPU pair."
     import kdbook.train as train
-    import kdbook.experiments.zoo as zoo
+    import kdbook.experiments.synthetic as zoo
     from kdbook.costs import START_S, project
     items = train.gpu_plan("quick")
     keyed = [it.key for it in items if it.key is not None]

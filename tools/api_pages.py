@@ -38,7 +38,7 @@ def module_names(root: Path = REPO) -> list[str]:
 
 
 def page_name(module: str) -> str:
-    "The page of a module under api/: its last name (`experiments.zoo` -> `zoo`)."
+    "The page of a module under api/: its last name (`experiments.synthetic` -> `synthetic`)."
     return module.rsplit(".", 1)[-1]
 
 

@@ -12,7 +12,7 @@ from ..checks import check_choice, check_number
 from .ensembles import Net, b_setup, plan_group, plan_teachers
 from ..train import PROFILES
 from ..viz import mean_std
-from .zoo import Recipe
+from .synthetic import Recipe
 
 # Appendix C, per profile, on top of Appendix B's setting (b_setup: data, ResNet-20 teachers and students, trials).
 # capacity: how the base student is enlarged ("depth" 2: twice the blocks per stage; "width" 2: twice the channels)

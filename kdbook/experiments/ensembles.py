@@ -20,7 +20,7 @@ from ..models import VGG16_CFG
 from .policies import summarize
 from ..train import PROFILES, distill, distill_many, make_model
 from ..viz import mean_std
-from .zoo import ARCHS, STUDENT_NAME, ZOO_NAME, Recipe, data_tag, distill_pack, no_synthetic
+from .synthetic import ARCHS, STUDENT_NAME, ZOO_NAME, Recipe, data_tag, distill_pack, no_synthetic
 
 BC_NAME = "bc-student"  # the store's experiment name of the α > 0 students (α = 0 ones are §4.2's STUDENT_NAME)
 NET_ARCHS = ARCHS + ("preresnet", "vgg16")  # what a Net builds: the zoo's ResNets, any-depth ResNets, VGG-16
@@ -149,7 +149,7 @@ def b_setup(profile: str,  # "smoke", "quick" or "paper"
     S["fig10_sizes"] = _check_list("fig10_sizes", S["fig10_sizes"], int, 1)
     for k in ("teacher", "student"):
         if not isinstance(S[k], Recipe):
-            raise ValueError(f"{k} must be a kdbook.experiments.zoo.Recipe (or Net), got {type(S[k]).__name__}")
+            raise ValueError(f"{k} must be a kdbook.experiments.synthetic.Recipe (or Net), got {type(S[k]).__name__}")
     return S
 
 # %% ../../chapters/b1_ensemble_size.ipynb #b7a4ebee
@@ -197,7 +197,7 @@ def bc_students(store,  # kdbook.store.Store
                 ) -> list:
     """The records of one student per seed, read from the store or trained: the missing ones together
     (`distill_many(same_batches=True)`: one teacher forward labels every student's batch), so trials share their
-    batches and their teachers. α = 0 students are the book's students of real data (`kdbook.experiments.zoo.distill_pack`,
+    batches and their teachers. α = 0 students are the book's students of real data (`kdbook.experiments.synthetic.distill_pack`,
     §4.2's store name and keys): the same group asked for by another chapter is trained once. α > 0 (Figure 14)
     are stored under BC_NAME; a single missing one trains alone on the same batches, with a resumable checkpoint."""
     if alpha == 0:
@@ -260,7 +260,7 @@ def cost_as(net: Recipe,  # a network's recipe
 
 # %% ../../chapters/b1_ensemble_size.ipynb #c34f9605
 def plan_teachers(chapter: str, net: Recipe, seeds: list, n_train: int, n_test: int, seed: int) -> list:
-    """Items of zoo teachers, keyed as `kdbook.experiments.zoo.zoo_item` keys them (architecture, data, recipe, seed): a teacher
+    """Items of zoo teachers, keyed as `kdbook.experiments.synthetic.zoo_item` keys them (architecture, data, recipe, seed): a teacher
     another chapter also plans is counted once, in the first chapter of the book's order."""
     from kdbook.costs import CAPTURE_S, Item, eval_s, teacher_fit_s
     arch, mult = cost_as(net)
@@ -273,7 +273,7 @@ def plan_teachers(chapter: str, net: Recipe, seeds: list, n_train: int, n_test: 
 # %% ../../chapters/b1_ensemble_size.ipynb #e29399ce
 def zoo_plus0_group(profile: str, S: dict, m: int, tau: float, alpha: float, seed: int) -> bool:
     "Whether a group is §4.2's +0 ensemble students (same teachers, recipe, data, τ and seeds)."
-    from kdbook.experiments.zoo import N_TRIALS, ZOO_DATA, student_recipe, teacher_recipe
+    from kdbook.experiments.synthetic import N_TRIALS, ZOO_DATA, student_recipe, teacher_recipe
     return (alpha == 0 and m == 3 and tau == 4.0 and seed == 0 and S["n_trials"] == N_TRIALS[profile]
             and (S["n_train"], S["n_test"]) == (ZOO_DATA[profile]["n_train"], ZOO_DATA[profile]["n_test"])
             and S["teacher"].to_dict() == teacher_recipe(profile).to_dict()
@@ -300,7 +300,7 @@ def plan_students(chapter: str, student: Recipe, teacher: Recipe, m: int, tau: f
 def plan_group(chapter: str, profile: str, S: dict, student: Recipe, teacher: Recipe, m: int, tau: float,
                alpha: float, seed: int) -> "Item":
     "The Item of one student group of S (b_setup): §4.2's keyed Item where the group is its +0 ensemble students."
-    from kdbook.experiments.zoo import baseline_items
+    from kdbook.experiments.synthetic import baseline_items
     if student == S["student"] and teacher == S["teacher"] and zoo_plus0_group(profile, S, m, tau, alpha, seed):
         return baseline_items(chapter, profile, 3)[0]
     return plan_students(chapter, student, teacher, m, tau, alpha, S["n_trials"], S["n_train"], S["n_test"], seed)

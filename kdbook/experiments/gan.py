@@ -692,7 +692,7 @@ def gpu_plan(profile: str,  # "smoke", "quick" or "paper"
              ) -> list:
     "The GPU work of this chapter at `profile` (kdbook.costs.Item), from PROFILE_SETTINGS and the zoo's tables."
     from kdbook.costs import START_S, Item, eval_s, gan_s
-    from kdbook.experiments.zoo import teacher_recipe, zoo_item
+    from kdbook.experiments.synthetic import teacher_recipe, zoo_item
     s = profile_settings(profile)
     arch = teacher_recipe(profile).arch
     return [Item(CHAPTER, "chapter start-up", START_S),

@@ -16,7 +16,7 @@ from ..engine import resolve_device
 from ..packing import can_pack
 from ..train import distill, distill_many, evaluate, predict_logits
 from ..viz import mean_std
-from .zoo import Recipe, data_tag
+from .synthetic import Recipe, data_tag
 
 # %% auto #0
 __all__ = ['S51_NAME', 'POLICY_RUNS', 'POOL_POLICIES', 'APPENDED_RATIOS', 'FIG5_POLICIES', 'PROFILE_SIZES',
@@ -56,7 +56,7 @@ PROFILE_SIZES = {
     "paper": dict(ensemble_size=5, policies=tuple(POLICY_RUNS), other_sizes=(1, 3), other_policies=FIG5_POLICIES,
                   n_trials=3, n_ood=10000, pack_students=False),
 }
-SHARED_BASELINE_SIZES = (1, 3)  # Baseline (τ = 4) students at these m are §4.2's +0 students (kdbook.experiments.zoo.baseline_students)
+SHARED_BASELINE_SIZES = (1, 3)  # Baseline (τ = 4) students at these m are §4.2's +0 students (kdbook.experiments.synthetic.baseline_students)
 
 # %% ../../chapters/51_augmentation.ipynb #c51c4e01
 def check_policies(names,  # run names, keys of POLICY_RUNS
@@ -268,7 +268,7 @@ def gpu_plan(profile: str,  # the profile to plan ("quick" or "paper")
     """This chapter's GPU work at `profile` as kdbook.costs Items, from PROFILE_SIZES and the zoo's recipes. The zoo
     teachers and the Baseline students shared with §4.2 are keyed work, counted once in the book."""
     from kdbook.costs import CAPTURE_S, START_S, Item, eval_s, student_s
-    from kdbook.experiments.zoo import ZOO_DATA, baseline_items, student_recipe, zoo_item
+    from kdbook.experiments.synthetic import ZOO_DATA, baseline_items, student_recipe, zoo_item
     ch, p, st = "51_augmentation", profile_params(profile), student_recipe(profile)
     n, n_test = ZOO_DATA[profile]["n_train"], ZOO_DATA[profile]["n_test"]
     m, trials = p["ensemble_size"], p["n_trials"]

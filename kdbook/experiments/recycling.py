@@ -9,7 +9,7 @@ import torch
 
 from ..checks import check_choice, check_number, check_tensor
 from ..data import ImageSet
-from .zoo import Recipe, data_tag
+from .synthetic import Recipe, data_tag
 from ..train import profile_sizes
 
 # %% auto #0
@@ -20,7 +20,7 @@ __all__ = ['S52_NAME', 'DISTILL_SETS', 'PROFILE_SIZES', 'profile_params', 'check
 S52_NAME = "s52-student"  # the store's experiment name of this chapter's students
 DISTILL_SETS = ("D0", "D1", "D0+D1")  # what the students distil on: s0, s1, s0∪1 of §5.2
 # The chapter's sizes per profile: the chapter runs with these (through profile_params) and gpu_plan plans them.
-# quick splits the zoo's 10,000-image subset (kdbook.experiments.zoo.ZOO_DATA) in halves: appendix B's smaller setting.
+# quick splits the zoo's 10,000-image subset (kdbook.experiments.synthetic.ZOO_DATA) in halves: appendix B's smaller setting.
 PROFILE_SIZES = {
     "smoke": dict(ensemble_sizes=(3,), other_taus=(), n_train=400, n_test=100, n_trials=2, pack_students=True),
     "quick": dict(ensemble_sizes=(3,), other_taus=(), n_train=10000, n_test=10000, n_trials=2, pack_students=True),
@@ -126,7 +126,7 @@ def gpu_plan(profile: str,  # the profile to plan ("quick" or "paper")
              ) -> list:
     "This chapter's GPU work at `profile` as kdbook.costs Items, from PROFILE_SIZES and the zoo's recipes."
     from kdbook.costs import CAPTURE_S, START_S, Item, eval_s, student_s, teacher_fit_s
-    from kdbook.experiments.zoo import student_recipe, teacher_recipe
+    from kdbook.experiments.synthetic import student_recipe, teacher_recipe
     ch, p, st, tr = "52_recycling", profile_params(profile), student_recipe(profile), teacher_recipe(profile)
     n, n_test, trials = p["n_train"], p["n_test"], p["n_trials"]
     n0 = round(check_fraction(fraction) * n)

@@ -1,11 +1,11 @@
-"Fast CPU checks of kdbook.experiments.zoo (chapters/23_synthetic.ipynb): the teacher zoo's store keys, and bad input refused with the store untouched."
+"Fast CPU checks of kdbook.experiments.synthetic (chapters/23_synthetic.ipynb): the teacher zoo's store keys, and bad input refused with the store untouched."
 from pathlib import Path
 
 import pytest
 import torch
 
 from kdbook.store import Store
-from kdbook.experiments.zoo import (ENSEMBLE_SIZES, STUDENT_NAME, ZOO_NAME, Recipe, baseline_students, check_ensemble_size,
+from kdbook.experiments.synthetic import (ENSEMBLE_SIZES, STUDENT_NAME, ZOO_NAME, Recipe, baseline_students, check_ensemble_size,
                         check_synthetic_sizes, fig1_students, no_synthetic,
                         distill_student, gpu_minutes, mixup_standin, student_recipe, synthetic_subset, teacher_recipe,
                         toy_cifar100, zoo_ensemble, zoo_params, zoo_teachers)
@@ -191,7 +191,7 @@ def test_chapter_without_gan_sets_trains_the_zoo_then_says_what_is_missing(tmp_p
 
 
 def test_quick_follows_appendix_b_and_holds_steps_fixed():
-    from kdbook.experiments.zoo import FIXED_STEPS, N_TRIALS, SYNTHETIC_SIZES, ZOO_DATA, student_recipe_for
+    from kdbook.experiments.synthetic import FIXED_STEPS, N_TRIALS, SYNTHETIC_SIZES, ZOO_DATA, student_recipe_for
     t, s = teacher_recipe("quick"), student_recipe("quick")
     assert (t.arch, s.arch, ZOO_DATA["quick"]["n_train"]) == ("resnet20", "resnet20", 10000)
     assert SYNTHETIC_SIZES["quick"] == [0, 10000] and N_TRIALS["quick"] >= 2 and FIXED_STEPS["quick"]
@@ -203,8 +203,8 @@ def test_quick_follows_appendix_b_and_holds_steps_fixed():
 
 def test_baseline_students_are_shared_with_section_5_1(data, tmp_path, monkeypatch):
     "§4.2's +0 students and §5.1's Baseline students: one store name, one key, one planned Item."
-    import kdbook.experiments.zoo as zoo_mod
-    from kdbook.experiments.zoo import baseline_items, baseline_students, fig1_students, gpu_plan, no_synthetic
+    import kdbook.experiments.synthetic as zoo_mod
+    from kdbook.experiments.synthetic import baseline_items, baseline_students, fig1_students, gpu_plan, no_synthetic
     train, test = data
     store = Store(tmp_path / "results", verbose=False)
     zoo = zoo_teachers(store, [0, 1, 2], train, test, TINY, device="cpu")
