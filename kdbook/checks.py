@@ -41,13 +41,15 @@ def check_number(name: str,  # the argument's name, as the caller wrote it
     tail = f"; {hint}" if hint else ""
     kind = "an integer" if integer else "a real number"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
-        raise ValueError(f"{name} must be {kind} {bounds}".rstrip() + f", got {value!r} ({type(value).__name__}){tail}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number {bounds}".rstrip() + f", got {value}{tail}")
-    if (low is not None and (value < low or (low_open and value == low))) \
+        want, got = f"{kind} {bounds}", f"{value!r} ({type(value).__name__})"
+    elif not math.isfinite(value):
+        want, got = f"a finite number {bounds}", value
+    elif (low is not None and (value < low or (low_open and value == low))) \
             or (high is not None and (value > high or (high_open and value == high))):
-        raise ValueError(f"{name} must be {'an integer ' if integer else ''}{bounds}, got {value}{tail}")
-    return int(value) if integer else float(value)
+        want, got = f"{'an integer ' if integer else ''}{bounds}", value
+    else:
+        return int(value) if integer else float(value)
+    raise ValueError(f"{name} must be {want}".rstrip() + f", got {got}{tail}")
 
 # %% ../chapters/a5_checks.ipynb #6dc023bb
 def check_choice(name: str,  # what is being chosen, e.g. "profile"

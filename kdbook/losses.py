@@ -48,14 +48,16 @@ def check_labels(labels, logits: torch.Tensor, values: bool = True):
     `logits`. `values=False` skips the range check, which reads the labels (a device sync on a GPU)."""
     n, c = logits.shape
     if not isinstance(labels, torch.Tensor) or labels.shape != (n,):
-        raise ValueError(f"labels must have shape ({n},), one class index per row of the logits, "
-                         f"got {getattr(labels, 'shape', type(labels).__name__)}")
-    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-        raise ValueError(f"labels must be integer class indices, got {labels.dtype}; class probabilities are not labels")
-    if values:
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= c:
-            raise ValueError(f"labels run from {lo} to {hi}, outside the {c} classes of the logits (0..{c - 1})")
+        problem = (f"labels must have shape ({n},), one class index per row of the logits, "
+                   f"got {getattr(labels, 'shape', type(labels).__name__)}")
+    elif labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        problem = f"labels must be integer class indices, got {labels.dtype}; class probabilities are not labels"
+    elif values and (int(labels.min()) < 0 or int(labels.max()) >= c):
+        problem = (f"labels run from {int(labels.min())} to {int(labels.max())}, outside the {c} classes of the "
+                   f"logits (0..{c - 1})")
+    else:
+        return
+    raise ValueError(problem)
 
 # %% ../chapters/10_preliminaries.ipynb #68d99d0c
 def _kd_inputs(student_logits, teacher_logits, labels, tau, alpha) -> tuple[float, float]:
@@ -103,17 +105,15 @@ def kd_loss(student_logits: torch.Tensor,  # (batch, c) student logits z_s
 # %% ../chapters/10_preliminaries.ipynb #1d83c824
 def _stacked_members(member_logits) -> torch.Tensor:
     "`member_logits` as one (m, batch, c) tensor (a list of m (batch, c) tensors is stacked), or a ValueError."
+    got = getattr(member_logits, "shape", type(member_logits).__name__)
     if isinstance(member_logits, (list, tuple)):
-        if len(member_logits) == 0:
-            raise ValueError("member_logits is empty: an ensemble needs at least one member")
-        shapes = {tuple(z.shape) for z in member_logits}
-        if len(shapes) != 1:
-            raise ValueError(f"every member must give logits of the same shape, got {sorted(shapes)}")
-        member_logits = torch.stack(list(member_logits))
-    if not isinstance(member_logits, torch.Tensor) or member_logits.ndim != 3 or member_logits.shape[0] == 0:
-        raise ValueError(f"member_logits must have shape (m, batch, n_classes) with m >= 1, "
-                         f"got {getattr(member_logits, 'shape', type(member_logits).__name__)}")
-    return member_logits
+        got = sorted({tuple(z.shape) for z in member_logits})  # one shape per member
+        if len(got) == 1:
+            member_logits = torch.stack(list(member_logits))
+    if isinstance(member_logits, torch.Tensor) and member_logits.ndim == 3 and member_logits.shape[0] > 0:
+        return member_logits
+    raise ValueError(f"member_logits must be a (m, batch, n_classes) tensor or a list of m (batch, n_classes) tensors, "
+                     f"at least one member and every member of the same shape; got {got or 'an empty list'}")
 
 # %% ../chapters/10_preliminaries.ipynb #c3d291d7
 def ensemble_logits(member_logits,  # (m, batch, c) tensor, or a list of m (batch, c) tensors
