@@ -73,6 +73,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'kdbook.data._gen': ('a1_data.html#_gen', 'kdbook/data.py'),
                              'kdbook.data._idx_dims': ('a1_data.html#_idx_dims', 'kdbook/data.py'),
                              'kdbook.data._idx_problem': ('a1_data.html#_idx_problem', 'kdbook/data.py'),
+                             'kdbook.data._jpegs_problem': ('a1_data.html#_jpegs_problem', 'kdbook/data.py'),
                              'kdbook.data._load_offline': ('a1_data.html#_load_offline', 'kdbook/data.py'),
                              'kdbook.data._load_torchvision': ('a1_data.html#_load_torchvision', 'kdbook/data.py'),
                              'kdbook.data._missing': ('a1_data.html#_missing', 'kdbook/data.py'),

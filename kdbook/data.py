@@ -256,6 +256,17 @@ def _decode_or_none(data: bytes):
     try: return _decode_jpeg(data)
     except Exception: return None  # reported below with the member's name
 
+# %% ../chapters/a1_data.ipynb #a1jpgprb
+def _jpegs_problem(items: list, arrays: list) -> str | None:
+    """What is wrong with the decoded JPEGs of a tarball, or None: none at all, or a member (class, file name, bytes)
+    that is unreadable (its array None) or of another size than the first readable one."""
+    if not items: return "it holds no JPEG files"
+    shape = next((a.shape for a in arrays if a is not None), None)
+    for (c, f, _), a in zip(items, arrays):
+        if a is None: return f"member {c}/{f} is not a readable JPEG"
+        if a.shape != shape: return f"member {c}/{f} is {a.shape[:2]} pixels, the others {shape[:2]}"
+    return None
+
 # %% ../chapters/a1_data.ipynb #bfa91057
 def read_jpeg_tar(path, threads: int | None = None, split: str | None = None):
     """Decode a `SPLIT/<class>/<file>.jpg` tarball (whole gzip stream checked); classes = sorted folder names,
@@ -273,17 +284,12 @@ def read_jpeg_tar(path, threads: int | None = None, split: str | None = None):
                 items.append((parts[1], parts[2], tf.extractfile(m).read()))
     except (tarfile.TarError, EOFError) as e:
         raise damaged(path, f"its tar archive is corrupt or truncated ({type(e).__name__}: {e})") from None
-    if not items: raise damaged(path, "it holds no JPEG files")
     classes = sorted({c for c, _, _ in items})
     items.sort(key=lambda t: (classes.index(t[0]), t[1]))
     # Pillow releases the GIL while decoding, so threads scale with cores.
     with ThreadPoolExecutor(threads if threads is not None else (os.cpu_count() or 1)) as ex:
         arrays = list(ex.map(_decode_or_none, (d for _, _, d in items), chunksize=256))
-    shape = next((a.shape for a in arrays if a is not None), None)
-    for (c, f, _), a in zip(items, arrays):
-        if a is None or a.shape != shape:
-            what = "is not a readable JPEG" if a is None else f"is {a.shape[:2]} pixels, the others {shape[:2]}"
-            raise damaged(path, f"member {c}/{f} {what}")
+    if (problem := _jpegs_problem(items, arrays)): raise damaged(path, problem)
     x = np.stack(arrays).transpose(0, 3, 1, 2)
     lut = {c: i for i, c in enumerate(classes)}
     y = np.array([lut[c] for c, _, _ in items], dtype=np.int64)
