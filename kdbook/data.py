@@ -219,18 +219,27 @@ def read_gz(path) -> tuple[bytes, str]:
         raise damaged(path, f"its gzip stream is corrupt or truncated ({type(e).__name__}: {e})") from None
     return data, hashlib.sha256(raw).hexdigest()
 
+# %% ../chapters/a1_data.ipynb #a1idxdim
+def _idx_dims(buf: bytes) -> list[int]:
+    "The dimensions an IDX header declares: one big-endian 32-bit count per dimension after the 4-byte magic."
+    return [int.from_bytes(buf[4 + 4 * i: 8 + 4 * i], "big") for i in range(buf[3])]
+
+# %% ../chapters/a1_data.ipynb #a1idxprb
+def _idx_problem(buf: bytes) -> str | None:
+    "What keeps `buf` from being a uint8 IDX file of 1 or 3 dimensions whose data fills its header's shape, or None."
+    if len(buf) < 4 or buf[0] | buf[1] != 0 or buf[2] != 0x08 or buf[3] not in (1, 3):
+        return f"it is not a uint8 IDX file of 1 or 3 dimensions (header {buf[:4].hex()})"
+    if len(buf) < 4 + 4 * buf[3]: return "its IDX header is cut short"
+    dims, size = _idx_dims(buf), len(buf) - 4 - 4 * buf[3]
+    if size != int(np.prod(dims)): return f"its header promises {dims} = {int(np.prod(dims))} values, it holds {size}"
+    return None
+
 # %% ../chapters/a1_data.ipynb #837c3262
 def parse_idx(buf: bytes, path) -> np.ndarray:
     "Parse an uncompressed IDX buffer (the MNIST format: magic, dims, then raw uint8); `path` names it in errors."
-    if len(buf) < 4 or buf[0] | buf[1] != 0 or buf[2] != 0x08 or buf[3] not in (1, 3):
-        raise damaged(path, f"it is not a uint8 IDX file of 1 or 3 dimensions (header {buf[:4].hex()})")
-    ndim = buf[3]
-    if len(buf) < 4 + 4 * ndim: raise damaged(path, "its IDX header is cut short")
-    dims = [int.from_bytes(buf[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    data = np.frombuffer(buf, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise damaged(path, f"its header promises {dims} = {int(np.prod(dims))} values, it holds {data.size}")
-    return data.reshape(dims).copy()  # frombuffer views are read-only; torch wants writable memory
+    if (problem := _idx_problem(buf)): raise damaged(path, problem)
+    data = np.frombuffer(buf, dtype=np.uint8, offset=4 + 4 * buf[3])
+    return data.reshape(_idx_dims(buf)).copy()  # frombuffer views are read-only; torch wants writable memory
 
 # %% ../chapters/a1_data.ipynb #034ddc65
 def read_idx_gz(path) -> np.ndarray:
@@ -246,6 +255,17 @@ def _decode_jpeg(data: bytes) -> np.ndarray:
 def _decode_or_none(data: bytes):
     try: return _decode_jpeg(data)
     except Exception: return None  # reported below with the member's name
+
+# %% ../chapters/a1_data.ipynb #a1jpgprb
+def _jpegs_problem(items: list, arrays: list) -> str | None:
+    """What is wrong with the decoded JPEGs of a tarball, or None: none at all, or a member (class, file name, bytes)
+    that is unreadable (its array None) or of another size than the first readable one."""
+    if not items: return "it holds no JPEG files"
+    shape = next((a.shape for a in arrays if a is not None), None)
+    for (c, f, _), a in zip(items, arrays):
+        if a is None: return f"member {c}/{f} is not a readable JPEG"
+        if a.shape != shape: return f"member {c}/{f} is {a.shape[:2]} pixels, the others {shape[:2]}"
+    return None
 
 # %% ../chapters/a1_data.ipynb #bfa91057
 def read_jpeg_tar(path, threads: int | None = None, split: str | None = None):
@@ -264,21 +284,41 @@ def read_jpeg_tar(path, threads: int | None = None, split: str | None = None):
                 items.append((parts[1], parts[2], tf.extractfile(m).read()))
     except (tarfile.TarError, EOFError) as e:
         raise damaged(path, f"its tar archive is corrupt or truncated ({type(e).__name__}: {e})") from None
-    if not items: raise damaged(path, "it holds no JPEG files")
     classes = sorted({c for c, _, _ in items})
     items.sort(key=lambda t: (classes.index(t[0]), t[1]))
     # Pillow releases the GIL while decoding, so threads scale with cores.
     with ThreadPoolExecutor(threads if threads is not None else (os.cpu_count() or 1)) as ex:
         arrays = list(ex.map(_decode_or_none, (d for _, _, d in items), chunksize=256))
-    shape = next((a.shape for a in arrays if a is not None), None)
-    for (c, f, _), a in zip(items, arrays):
-        if a is None or a.shape != shape:
-            what = "is not a readable JPEG" if a is None else f"is {a.shape[:2]} pixels, the others {shape[:2]}"
-            raise damaged(path, f"member {c}/{f} {what}")
+    if (problem := _jpegs_problem(items, arrays)): raise damaged(path, problem)
     x = np.stack(arrays).transpose(0, 3, 1, 2)
     lut = {c: i for i, c in enumerate(classes)}
     y = np.array([lut[c] for c, _, _ in items], dtype=np.int64)
     return np.ascontiguousarray(x), y, classes
+
+# %% ../chapters/a1_data.ipynb #a1arrprb
+def _arrays_problem(name: str, split: str, x: np.ndarray, y: np.ndarray, classes: list,
+                    ) -> tuple[str, str] | None:
+    """The first way a decoded split differs from EXPECTED, as (which file is at fault: "images" or "labels", what
+    is wrong), or None: image dtype and shape, counts, class names, label range, per-class counts."""
+    exp = EXPECTED[name, split]
+    if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != exp.shape:
+        return "images", f"its images are {x.dtype} {tuple(x.shape[1:])}, expected uint8 {exp.shape}"
+    if len(x) != len(y): return "labels", f"it holds {len(y)} labels for {len(x)} images"
+    if len(x) != exp.n: return "images", f"it holds {len(x):,} {name} {split} images, a complete copy holds {exp.n:,}"
+    if exp.classes is not None and tuple(classes) != exp.classes:
+        missing, extra = sorted(set(exp.classes) - set(classes)), sorted(set(classes) - set(exp.classes))
+        return "labels", (f"its class folders are not {name}'s: missing {', '.join(missing[:5]) or 'none'}, "
+                          f"unexpected {', '.join(extra[:5]) or 'none'}")
+    if len(classes) != exp.n_classes: return "labels", f"it holds {len(classes)} classes, {name} has {exp.n_classes}"
+    if y.size and (y.min() < 0 or y.max() >= exp.n_classes):
+        return "labels", f"labels run from {y.min()} to {y.max()}, outside 0..{exp.n_classes - 1}"
+    if exp.per_class is not None:
+        counts = np.bincount(y, minlength=exp.n_classes).tolist()
+        bad = [(c, n, e) for c, (n, e) in enumerate(zip(counts, exp.per_class)) if n != e]
+        if bad:
+            shown = ", ".join(f"class {c}: {n} (expected {e})" for c, n, e in bad[:4])
+            return "labels", f"{len(bad)} classes have the wrong number of examples ({shown})"
+    return None
 
 # %% ../chapters/a1_data.ipynb #b3a75cbc
 def verify_arrays(name: str,  # a key of DATASETS: what the arrays claim to be
@@ -288,27 +328,9 @@ def verify_arrays(name: str,  # a key of DATASETS: what the arrays claim to be
                   remedy: str | None = None,  # the fix to suggest; default: re-copy or download
                  ) -> None:
     "Check a decoded split against EXPECTED (count, image shape, classes, labels in range, per-class counts)."
-    exp, labels_file = EXPECTED[name, split], labels_file or images_file
-    if x.dtype != np.uint8 or x.ndim != 4 or tuple(x.shape[1:]) != exp.shape:
-        raise damaged(images_file, f"its images are {x.dtype} {tuple(x.shape[1:])}, expected uint8 {exp.shape}", remedy)
-    if len(x) != len(y):
-        raise damaged(labels_file, f"it holds {len(y)} labels for {len(x)} images", remedy)
-    if len(x) != exp.n:
-        raise damaged(images_file, f"it holds {len(x):,} {name} {split} images, a complete copy holds {exp.n:,}", remedy)
-    if exp.classes is not None and tuple(classes) != exp.classes:
-        missing, extra = sorted(set(exp.classes) - set(classes)), sorted(set(classes) - set(exp.classes))
-        raise damaged(labels_file, f"its class folders are not {name}'s: missing {', '.join(missing[:5]) or 'none'}, "
-                      f"unexpected {', '.join(extra[:5]) or 'none'}", remedy)
-    if len(classes) != exp.n_classes:
-        raise damaged(labels_file, f"it holds {len(classes)} classes, {name} has {exp.n_classes}", remedy)
-    if y.size and (y.min() < 0 or y.max() >= exp.n_classes):
-        raise damaged(labels_file, f"labels run from {y.min()} to {y.max()}, outside 0..{exp.n_classes - 1}", remedy)
-    if exp.per_class is not None:
-        counts = np.bincount(y, minlength=exp.n_classes).tolist()
-        bad = [(c, n, e) for c, (n, e) in enumerate(zip(counts, exp.per_class)) if n != e]
-        if bad:
-            shown = ", ".join(f"class {c}: {n} (expected {e})" for c, n, e in bad[:4])
-            raise damaged(labels_file, f"{len(bad)} classes have the wrong number of examples ({shown})", remedy)
+    if (found := _arrays_problem(name, split, x, y, classes)):
+        culprit, problem = found
+        raise damaged(images_file if culprit == "images" else labels_file or images_file, problem, remedy)
 
 # %% ../chapters/a1_data.ipynb #a1c015
 def _files_key(paths) -> str:

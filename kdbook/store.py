@@ -43,21 +43,20 @@ __all__ = ['RECORD_FIELDS', 'META_FIELDS', 'RESERVED_NAMES', 'MAX_NAME_LEN', 'FI
            'Store', 'save_safetensors', 'load_safetensors', 'WeightsError']
 
 # %% ../chapters/a3b_store.ipynb #a9495991
-def _check_keys(what: str, obj, where: str = ""):
-    "Refuse dict keys that are not strings: JSON would turn 1 into '1' and two runs would share a key."
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            if not isinstance(k, str):
-                raise ValueError(f"{what}{where}: key {k!r} is a {type(k).__name__}; keys must be strings "
-                                 f"(JSON would store {k!r} as {str(k)!r} and confuse it with that string key)")
-            _check_keys(what, v, f"{where}[{k!r}]")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            _check_keys(what, v, f"{where}[{i}]")
+def _key_problem(obj, where: str = "") -> str | None:
+    "The first dict key in `obj` (at any depth) that is not a string, described with where it sits, or None."
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        if isinstance(obj, dict) and not isinstance(k, str):
+            return (f"{where}: key {k!r} is a {type(k).__name__}; keys must be strings "
+                    f"(JSON would store {k!r} as {str(k)!r} and confuse it with that string key)")
+        if (problem := _key_problem(v, f"{where}[{k!r}]")): return problem
+    return None
 
 # %% ../chapters/a3b_store.ipynb #9e646f8e
 def _check_json(what: str, obj):
-    _check_keys(what, obj)
+    "`obj` as JSON reads it back; refuses non-string keys (JSON would turn 1 into '1' and two runs would share a key)."
+    if (problem := _key_problem(obj)): raise ValueError(f"{what}{problem}")
     try:
         text = json.dumps(obj, sort_keys=True, allow_nan=(what == "result"))
     except (TypeError, ValueError) as err:
@@ -68,11 +67,11 @@ def _check_json(what: str, obj):
 # %% ../chapters/a3b_store.ipynb #761e5aa6
 def check_name(name: str) -> str:
     "A store name (a folder of the store): letters, digits, '_', '.', '-', not starting with '.', not reserved."
-    if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > MAX_NAME_LEN:
-        raise ValueError(f"store name {name!r} must be a non-empty string of at most {MAX_NAME_LEN} letters, digits, "
-                         "'_', '.', '-' that does not start with '.'")
-    if name in RESERVED_NAMES:
-        raise ValueError(f"store name {name!r} is reserved (the store keeps its {name} there); choose another name")
+    problem = (f"must be a non-empty string of at most {MAX_NAME_LEN} letters, digits, '_', '.', '-' that does not "
+               "start with '.'" if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > MAX_NAME_LEN
+               else f"is reserved (the store keeps its {name} there); choose another name" if name in RESERVED_NAMES
+               else None)
+    if problem: raise ValueError(f"store name {name!r} {problem}")
     return name
 
 # %% ../chapters/a3b_store.ipynb #6d0a91b3
@@ -626,6 +625,29 @@ def save_weights(self: Store, name: str,  # the experiment's name
     return {"path": path.relative_to(self.root).as_posix(), "sha256": hashlib.sha256(data).hexdigest(),
             "dtype": "float16", "bytes": len(data)}
 
+# %% ../chapters/a3b_store.ipynb #a3bldwpb
+def _load_weights_problem(path: Path, sha256: str, model) -> str | None:
+    """Load the stored weights at `path` into `model` and return None, or return what kept them out: missing,
+    not the file of the record (sha256), unreadable, another model's tensors, or shapes the model cannot take."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+    if not path.exists(): return f"no stored weights at {path}"
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        return f"stored weights {path} do not match the checksum of their record (the local copy is damaged or was replaced)"
+    try:
+        state = load(data)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        return f"stored weights {path} cannot be read (the local copy is damaged: {err})"
+    mine = model.state_dict()
+    if set(state) != set(mine):
+        return f"stored weights {path} are for another model (tensors differ: {sorted(set(state) ^ set(mine))[:5]})"
+    try:
+        model.load_state_dict({k: v.to(device=mine[k].device, dtype=mine[k].dtype) for k, v in state.items()})
+    except RuntimeError as err:
+        return f"stored weights {path} do not fit the model ({err})"
+    return None
+
 # %% ../chapters/a3b_store.ipynb #2ed5e438
 @patch
 def load_weights(self: Store, name: str,  # the experiment's name
@@ -634,28 +656,10 @@ def load_weights(self: Store, name: str,  # the experiment's name
                  sha256: str,  # the checksum its record names (record["result"]["weights"]["sha256"])
                  ):
     "Load stored weights into `model` after checking the file's sha256; WeightsError when missing, corrupt or mismatched."
-    from safetensors import SafetensorError
-    from safetensors.torch import load
     path = self.weights_path(name, key)
-    remedy = (f"restore it (git checkout -- {path}) or delete the record {self.root / name / (key + '.json')} "
-              "and run again to retrain")
-    if not path.exists():
-        raise WeightsError(f"no stored weights at {path}: {remedy}")
-    data = path.read_bytes()
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise WeightsError(f"stored weights {path} do not match the checksum of their record (the local copy is damaged or was replaced): {remedy}")
-    try:
-        state = load(data)
-    except (SafetensorError, ValueError, RuntimeError) as err:
-        raise WeightsError(f"stored weights {path} cannot be read (the local copy is damaged: {err}): {remedy}") from None
-    mine = model.state_dict()
-    if set(state) != set(mine):
-        raise WeightsError(f"stored weights {path} are for another model (tensors differ: "
-                           f"{sorted(set(state) ^ set(mine))[:5]}): {remedy}")
-    try:
-        model.load_state_dict({k: v.to(device=mine[k].device, dtype=mine[k].dtype) for k, v in state.items()})
-    except RuntimeError as err:
-        raise WeightsError(f"stored weights {path} do not fit the model ({err}): {remedy}") from None
+    if (problem := _load_weights_problem(path, sha256, model)):
+        raise WeightsError(f"{problem}: restore it (git checkout -- {path}) or delete the record "
+                           f"{self.root / name / (key + '.json')} and run again to retrain")
     return model
 
 # %% ../chapters/a3b_store.ipynb #4d1c7b88
@@ -702,14 +706,15 @@ def run_model(self: Store, name: str,  # the experiment's name
             return record, self.load_weights(name, key, trained["model"], record["result"]["weights"]["sha256"])
         if not need_model:
             return record, None
-        try:
-            weights = record["result"].get("weights")
-            if not isinstance(weights, dict) or "sha256" not in weights:
-                raise WeightsError(f"the record {self.root / name / (key + '.json')} names no stored weights")
-            return record, self.load_weights(name, key, build(), weights["sha256"])
-        except WeightsError as err:
-            warnings.warn(f"store: {err}; retraining {name} {key} (records computed from it will be recomputed)")
-            self._count(name, "reused", -1)
-            record = self._run(name, params, make, seed, force=True, depends=depends)
-            return record, self.load_weights(name, record["key"], trained["model"], record["result"]["weights"]["sha256"])
-
+        weights = record["result"].get("weights")
+        if isinstance(weights, dict) and "sha256" in weights:
+            model = build()
+            problem = _load_weights_problem(self.weights_path(name, key), weights["sha256"], model)
+        else:
+            problem = f"the record {self.root / name / (key + '.json')} names no stored weights"
+        if problem is None:
+            return record, model
+        warnings.warn(f"store: {problem}; retraining {name} {key} (records computed from it will be recomputed)")
+        self._count(name, "reused", -1)
+        record = self._run(name, params, make, seed, force=True, depends=depends)
+        return record, self.load_weights(name, record["key"], trained["model"], record["result"]["weights"]["sha256"])
