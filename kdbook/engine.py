@@ -484,20 +484,46 @@ def save_train_state(path, state: dict):
         with contextlib.suppress(OSError):
             os.unlink(tmp)
 
-# %% ../chapters/a3c_engine.ipynb #c7907073
-def load_train_state(path) -> dict:
-    "Read a checkpoint written by save_train_state; a damaged or foreign file is a ValueError naming it."
-    remedy = f"delete {path} to restart the run from scratch"
+# %% ../chapters/a3c_engine.ipynb #3a38babe
+def _unwrap_checkpoint(path) -> tuple[dict | None, str | None]:
+    "The state in the checkpoint file at `path` and None, or None and what is wrong with the file."
     try:
         wrapper = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}); it is damaged: {remedy}") from e
-    ours = isinstance(wrapper, dict) and wrapper.get("format") == "kdbook-checkpoint-2"
-    payload = wrapper["payload"].numpy().tobytes() if ours else b""
-    if not ours or hashlib.sha256(payload).hexdigest() != wrapper["sha256"]:
-        what = "fails its sha256 check (the file is corrupt)" if ours else "is not a kdbook checkpoint of this version"
-        raise ValueError(f"checkpoint {path} {what}: {remedy}")
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a damaged file
+        return None, f"cannot be read ({type(e).__name__}); it is damaged"
+    if not (isinstance(wrapper, dict) and wrapper.get("format") == "kdbook-checkpoint-2"):
+        return None, "is not a kdbook checkpoint of this version"
+    payload = wrapper["payload"].numpy().tobytes()
+    if hashlib.sha256(payload).hexdigest() != wrapper["sha256"]:
+        return None, "fails its sha256 check (the file is corrupt)"
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True), None
+
+# %% ../chapters/a3c_engine.ipynb #907c761a
+def _other_run(state: dict, run) -> str | None:
+    "How the checkpoint `state` shows that another run wrote it (settings, seeds, data, shapes, pack size), or None."
+    saved, mine = json.loads(state["config"]), run.cfg.to_dict()
+    differ = sorted(k for k in mine if k not in ("progress", "device") and saved.get(k) != mine[k])
+    if differ:
+        return f"was written with different settings ({', '.join(differ)})"
+    other = [what for what, a, b in [
+        ("seeds", list(state["seeds"]), list(run.seeds)), ("data", state["fingerprint"], run.fingerprint),
+        ("parameter shapes", json.loads(state["param_shapes"]), param_shapes(run.models)),
+        ("number of models", int(state.get("k", 1)), run.k)] if a != b]
+    return f"belongs to another run (its {other[0]} differ from this run's)" if other else None
+
+# %% ../chapters/a3c_engine.ipynb #c7907073
+def load_train_state(path,  # a file written by save_train_state
+                     run=None,  # the Run that resumes from it: refuse the checkpoint of another run
+                     ) -> dict:
+    """Read a checkpoint written by save_train_state: a ValueError naming it when it is damaged or foreign, or
+    (given `run`) written by another run; the remedy is the same: delete it, or pass another path."""
+    state, problem = _unwrap_checkpoint(path)
+    if problem is None and run is not None:
+        problem = _other_run(state, run)
+    if problem is not None:
+        raise ValueError(f"checkpoint {path} {problem}: delete it to restart the run from scratch, or pass another "
+                         "checkpoint path")
+    return state
 
 # %% ../chapters/a3c_engine.ipynb #c3e0d025
 def seed_global_rng(seed: int, device: torch.device):
@@ -614,9 +640,10 @@ class TrainingStopped(KeyboardInterrupt):
 DEADLINE_MARGIN_S = 2.0  # seconds kept free before KDBOOK_DEADLINE for the checkpoint write and the exit
 
 
-def deadline() -> float | None:
+def deadline(env: dict | None = None,  # the environment (default os.environ)
+             ) -> float | None:
     "The unix time in env KDBOOK_DEADLINE (set by the GPU queue), or None; a clear error when it is not a number."
-    value = os.environ.get("KDBOOK_DEADLINE", "").strip()
+    value = (os.environ if env is None else env).get("KDBOOK_DEADLINE", "").strip()
     if not value:
         return None
     try:
@@ -656,17 +683,7 @@ def _checkpoint_state(run, opt, step, streams, epoch, step_count, pos=None, firs
 # %% ../chapters/a3c_engine.ipynb #6338f0bf
 def _resume(run, opt, step, streams):
     "Load the run's checkpoint into its models, optimizer, RNGs (mid-epoch: orders and sums); refuse another run's."
-    state = load_train_state(run.checkpoint)
-    saved, mine = json.loads(state["config"]), run.cfg.to_dict()
-    differ = sorted(k for k in mine if k not in ("progress", "device") and saved.get(k) != mine[k])
-    other = [what for what, a, b in [
-        ("seeds", list(state["seeds"]), list(run.seeds)), ("data", state["fingerprint"], run.fingerprint),
-        ("parameter shapes", json.loads(state["param_shapes"]), param_shapes(run.models)),
-        ("number of models", int(state.get("k", 1)), run.k)] if a != b]
-    if differ or other:
-        why = (f"was written with different settings ({', '.join(differ)})" if differ
-               else f"belongs to another run (its {other[0]} differ from this run's)")
-        raise ValueError(f"checkpoint {run.checkpoint} {why}; delete it or pass another checkpoint path")
+    state = load_train_state(run.checkpoint, run)
     with torch.no_grad():
         for m, sd in zip(run.models, state["models"]):
             m.load_state_dict(sd)  # copies in place: the parameters keep their addresses
