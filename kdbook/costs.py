@@ -207,12 +207,14 @@ def owed(root, profile: str = "quick") -> list:
 def load_plan(ref: str):
     "The function named by a profiles.yml plan field 'module:function'."
     if not isinstance(ref, str) or ref.count(":") != 1:
-        raise ValueError(f"a plan must be named 'module:function' (e.g. 'kdbook.experiments.synthetic:gpu_plan'), got {ref!r}")
-    module, name = ref.split(":")
-    fn = getattr(importlib.import_module(module), name, None)
-    if not callable(fn):
-        raise ValueError(f"plan {ref!r}: {module} has no function {name}")
-    return fn
+        problem = f"a plan must be named 'module:function' (e.g. 'kdbook.experiments.synthetic:gpu_plan'), got {ref!r}"
+    else:
+        module, name = ref.split(":")
+        fn = getattr(importlib.import_module(module), name, None)
+        if callable(fn):
+            return fn
+        problem = f"plan {ref!r}: {module} has no function {name}"
+    raise ValueError(problem)
 
 # %% ../chapters/a3e_costs.ipynb #f1f084ff
 def plans(root, profile: str = "quick") -> list:
