@@ -162,8 +162,8 @@ def test_same_on_cuda(policy):
 @pytest.mark.parametrize("policy,kw,words", [
     ("baseline", dict(padding=-1), "padding must be an integer >= 0"),
     ("baseline", dict(padding=2.5), "padding must be an integer"),
-    ("rotation", dict(degrees=float("nan")), "degrees must be finite, got nan"),
-    ("rotation", dict(degrees=float("inf")), "degrees must be finite"),
+    ("rotation", dict(degrees=float("nan")), "degrees must be a finite number in [0, 180], got nan"),
+    ("rotation", dict(degrees=float("inf")), "degrees must be a finite number in [0, 180], got inf"),
     ("rotation", dict(degrees=-5), "degrees"),
     ("noise", dict(p=1.5), "p must be in [0, 1], got 1.5"),
     ("noise", dict(p=-0.1), "p must be"),

@@ -201,8 +201,8 @@ def test_a_bad_parameter_fails_before_anything_runs(tmp_path, args, words):
     assert not (root / "results" / "ran").exists() and not (root / "_build" / "logs").exists()
 
 
-@pytest.mark.parametrize("name,value,words", [("n_examples", "-5", "n_examples = -5: the invariance checks need at "
-                                                "least 2"), ("n_classes", "1", "n_classes = 1: the random logits need")])
+@pytest.mark.parametrize("name,value,words", [("n_examples", "-5", "n_examples must be an integer "
+                                                ">= 2, got -5; CKA compares examples pairwise"), ("n_classes", "1", "n_classes must be an integer >= 2, got 1")])
 def test_a_value_a_chapter_cannot_take_is_named_in_the_error(tmp_path, name, value, words):
     cmd = [sys.executable, str(REPO / "tools" / "build_book.py"), "--only", "11_metrics", "--profile", "smoke",
            "--results", str(tmp_path / "store"), "--build-dir", str(tmp_path / "b"), "--no-html", "-p", name, value]
