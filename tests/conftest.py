@@ -2,7 +2,7 @@
 browser tests; a local HTTP server over the built HTML; one uninterrupted run of the queue's tiny chapter,
 the reference of the queue and lease tests.
 
-`make test` runs pytest on every core (pytest-xdist, `-n auto --dist loadgroup`). The tests that share one of
+`make test` runs pytest on every core where there are 4 or more (pytest-xdist, `-n auto --dist loadgroup`). The tests that share one of
 these session fixtures live in the modules of one group (SHARED_FIXTURE_GROUPS), and the scheduler below sends a
 whole group to one worker, so each fixture is still computed once while the other tests run beside it. A test
 that uses a shared fixture from a module outside its group fails at setup, before a second book build."""
