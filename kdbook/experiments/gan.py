@@ -671,16 +671,11 @@ def deadline_budget(budget_s: float | None = None,  # an explicit budget (second
                     ) -> float | None:
     """The GAN's time budget: the smaller of `budget_s` and what is left before the unix time in KDBOOK_DEADLINE
     (set by a GPU queue) minus DEADLINE_RESERVE_S; None when neither limits it."""
-    import os
-    env = os.environ if env is None else env
-    raw = env.get("KDBOOK_DEADLINE")
-    if raw in (None, ""):
+    from kdbook.engine import deadline as queue_deadline  # the engine's reading of KDBOOK_DEADLINE
+    end = queue_deadline(env)
+    if end is None:
         return budget_s
-    try:
-        deadline = float(raw)
-    except ValueError:
-        raise ValueError(f"KDBOOK_DEADLINE must be a unix time in seconds, got {raw!r}") from None
-    left = max(0.0, deadline - (time.time() if now is None else now) - DEADLINE_RESERVE_S)
+    left = max(0.0, end - (time.time() if now is None else now) - DEADLINE_RESERVE_S)
     return left if budget_s is None else min(budget_s, left)
 
 # %% ../../chapters/22_gan.ipynb #5951fc38
