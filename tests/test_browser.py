@@ -81,37 +81,54 @@ def _pages(built_book, chapters_only=True):
     return sorted(p.relative_to(html).as_posix() for p in found)
 
 
+VISIT_AT_ONCE = 6  # pages loading side by side: most of a page's load is waiting (network idle, MathJax)
+
+
 @pytest.fixture(scope="module")
 def visited(browser, served_book, built_book):
     """Every page of the built book opened ONCE (a desktop window, 1280 px; requests outside the book aborted and
     listed), with what the checks below read from it: the outside requests of every page, and for chapter pages
-    their images, the panel widths of their figures and their visible text outside code and math."""
-    import time
+    their images, the panel widths of their figures and their visible text outside code and math. Pages load
+    VISIT_AT_ONCE at a time, each in its own tab."""
     chapters = set(_pages(built_book))
+    pages = _pages(built_book, chapters_only=False)
     out = {}
-    for rel in _pages(built_book, chapters_only=False):
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        requests = []
-        page.on("request", lambda r: requests.append(r.url))
-        page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(served_book)
-                   else route.abort())
-        page.goto(f"{served_book}/{rel}", wait_until="networkidle")
-        report = {"outside": sorted({u for u in requests
-                                     if not u.startswith((served_book + "/", "data:", "blob:", "about:"))})}
-        if rel in chapters:
-            if "/" + rel in SLIDER_PAGES.values():
-                t0 = time.time()
-                page.wait_for_selector(".kdbook-slider .noUi-handle", timeout=30_000)
-                report["slider_s"] = time.time() - t0
-            report["images"] = page.evaluate(IMAGES)
-            report["panels"] = page.evaluate(PANEL_WIDTHS)
-            # wait until MathJax has typeset the page (it replaces $...$ with mjx-container elements)
-            page.evaluate("() => window.MathJax && MathJax.startup && MathJax.startup.promise ? "
-                          "MathJax.startup.promise.then(() => true) : true")
-            report["text"] = page.evaluate(HIDE_CODE_AND_MATH)  # last: it hides code and math on the page
-        out[rel] = report
-        page.close()
+    for i in range(0, len(pages), VISIT_AT_ONCE):
+        opened = [(rel, *_start_visit(browser, f"{served_book}/{rel}", served_book)) for rel in pages[i:i + VISIT_AT_ONCE]]
+        for rel, page, requests in opened:
+            out[rel] = _read_visit(page, requests, served_book, rel in chapters, "/" + rel in SLIDER_PAGES.values())
     return out
+
+
+def _start_visit(browser, url, served_book):
+    "A new tab navigating to url (not waiting for the load), outside requests aborted; (tab, its requests so far)."
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    page.route("**/*", lambda route: route.continue_() if route.request.url.startswith(served_book) else route.abort())
+    page.goto(url, wait_until="commit")
+    return page, requests
+
+
+def _read_visit(page, requests, served_book, chapter, slider):
+    "Wait for the tab to load, read what the checks need, close it."
+    import time
+    page.wait_for_load_state("networkidle")
+    report = {"outside": sorted({u for u in requests
+                                 if not u.startswith((served_book + "/", "data:", "blob:", "about:"))})}
+    if chapter:
+        if slider:
+            t0 = time.time()
+            page.wait_for_selector(".kdbook-slider .noUi-handle", timeout=30_000)
+            report["slider_s"] = time.time() - t0
+        report["images"] = page.evaluate(IMAGES)
+        report["panels"] = page.evaluate(PANEL_WIDTHS)
+        # wait until MathJax has typeset the page (it replaces $...$ with mjx-container elements)
+        page.evaluate("() => window.MathJax && MathJax.startup && MathJax.startup.promise ? "
+                      "MathJax.startup.promise.then(() => true) : true")
+        report["text"] = page.evaluate(HIDE_CODE_AND_MATH)  # last: it hides code and math on the page
+    page.close()
+    return report
 
 
 def test_every_chapter_page_shows_its_figures(visited):
