@@ -112,6 +112,9 @@ class BookBuild:
         self.log.close()
 
 
+_BACKGROUND_BUILD = pytest.StashKey[BookBuild]()
+
+
 def _uses_book(item) -> bool:
     return bool(BOOK_FIXTURES & set(getattr(item, "fixturenames", ())))
 
@@ -123,9 +126,6 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=_uses_book)  # stable: every other test keeps its order
     if any(_uses_book(item) for item in items) and not os.environ.get("KDBOOK_TEST_BUILD_DIR"):
         config.stash[_BACKGROUND_BUILD] = BookBuild(config._tmp_path_factory.mktemp("book"), nice=10)
-
-
-_BACKGROUND_BUILD = pytest.StashKey[BookBuild]()
 
 
 def pytest_unconfigure(config):
